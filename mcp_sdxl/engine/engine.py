@@ -1,0 +1,328 @@
+"""The SDXL engine: one pipeline per process, LoRAs fused, ControlNets on demand, VRAM accounted.
+
+The engine knows nothing about MCP, leases or files: it turns a GenerationRequest into a PIL image.
+Callers (mcp_sdxl.studio) decide when it may hold the GPU and where images go.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from mcp_sdxl.config import Settings
+from mcp_sdxl.engine import controlnet as cn
+from mcp_sdxl.engine.loading import WeightSource, load_sdxl_pipeline, resolve_source
+from mcp_sdxl.engine.lora import LoraManager, LoraSpec
+from mcp_sdxl.errors import CancelledError, ConfigError, UserInputError
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = (
+    "DPMSolverMultistepScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DDIMScheduler",
+    "UniPCMultistepScheduler",
+    "PNDMScheduler",
+    "LMSDiscreteScheduler",
+    "HeunDiscreteScheduler",
+)
+
+
+@dataclass
+class ControlInput:
+    kind: str  # openpose | depth | canny
+    image: Image.Image  # the control map, already at the output size
+    strength: float
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 1024
+    height: int = 1024
+    steps: int = 30
+    cfg_scale: float = 7.5
+    seed: int = 0
+    scheduler: str = "DPMSolverMultistepScheduler"
+    loras: list[LoraSpec] = field(default_factory=list)
+    controls: list[ControlInput] = field(default_factory=list)
+    control_start: float = 0.0
+    control_end: float = 1.0
+
+
+@dataclass
+class GenerationOutput:
+    image: Image.Image
+    timings: dict[str, float]
+
+
+StepCallback = Callable[[int, int], None]  # (steps done, steps total)
+
+
+class Engine:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        cfg = settings.sdxl
+        self.device = _pick_device(cfg.hardware.device)
+        self.dtype = getattr(torch, cfg.hardware.dtype) if self.device.type == "cuda" else torch.float32
+        self.profile, self.source = self._pick_profile()
+        self.pipe = None
+        self.state = "unloaded"  # unloaded | offloaded (weights in CPU RAM) | ready (on the device)
+        self.loras: LoraManager | None = None
+        self.controlnets: dict[str, torch.nn.Module] = {}
+        self._compel = None
+        self._lock = threading.RLock()
+        # Seconds per step per megapixel, learned from real runs; used to estimate call times.
+        self._step_cost = 0.12 if self.device.type == "cuda" else 2.0
+
+    # ------------------------------------------------------------------ profile
+    def _pick_profile(self) -> tuple[str, WeightSource]:
+        cfg = self.settings.sdxl
+        if cfg.profile != "tiny":
+            source = resolve_source(cfg.model.base_model, self.settings.models_root, cfg.model.cache_dir)
+            if source is not None:
+                return "sdxl", source
+            if cfg.profile == "sdxl":
+                raise ConfigError(
+                    f"{self.settings.config_dir / 'sdxl_config.yaml'}: model.base_model: SDXL weights "
+                    f"{cfg.model.base_model!r} not found (not a file or folder under {self.settings.models_root}, "
+                    "not in the local Hugging Face cache). Download them, fix the path, or set profile: tiny."
+                )
+        from mcp_sdxl.engine import tiny
+
+        return "tiny", WeightSource("folder", str(tiny.tiny_model_dir(self.settings.tiny_dir)))
+
+    @property
+    def model_name(self) -> str:
+        return "sdxl-tiny (random weights)" if self.profile == "tiny" else self.source.location
+
+    def lora_file(self, kind: str, name: str) -> Path:
+        """The LoRA file for a registry entry; the tiny profile builds its own small ones."""
+        if self.profile == "tiny":
+            from mcp_sdxl.engine import tiny
+
+            return tiny.ensure_tiny_lora(self.settings.tiny_dir, kind, name)
+        return self.settings.model_path(self.settings.lora(kind, name).lora_path)
+
+    # ------------------------------------------------------------------ residency
+    def load(self) -> float:
+        """Put the pipeline on the device (loading it first if needed). Returns seconds taken."""
+        with self._lock:
+            start = time.perf_counter()
+            if self.state == "ready":
+                return 0.0
+            if self.pipe is None:
+                self.pipe = self._load_pipeline()
+                self.loras = LoraManager(self.pipe)
+            self.pipe.to(self.device)
+            for model in self.controlnets.values():
+                model.to(self.device)
+            self.loras.move_clean_copies(pin=self.device.type == "cuda")
+            self.state = "ready"
+            return time.perf_counter() - start
+
+    def offload(self) -> float:
+        """Move weights to CPU RAM (fast to bring back) and free the GPU."""
+        with self._lock:
+            start = time.perf_counter()
+            if self.state == "ready" and self.device.type == "cuda":
+                self.pipe.to("cpu")
+                for model in self.controlnets.values():
+                    model.to("cpu")
+                self.state = "offloaded"
+                _free_cuda()
+            return time.perf_counter() - start
+
+    def unload(self) -> float:
+        """Drop every weight (GPU and CPU)."""
+        with self._lock:
+            start = time.perf_counter()
+            self.pipe = self.loras = self._compel = None
+            self.controlnets.clear()
+            self.state = "unloaded"
+            gc.collect()
+            _free_cuda()
+            return time.perf_counter() - start
+
+    def _load_pipeline(self):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        cfg = self.settings.sdxl
+        if self.profile == "tiny":
+            from mcp_sdxl.engine import tiny
+
+            tiny.ensure_tiny_model(self.settings.tiny_dir)
+        vae = None
+        if cfg.model.vae and self.profile == "sdxl":
+            vae = resolve_source(cfg.model.vae, self.settings.models_root, cfg.model.cache_dir)
+            if vae is None:
+                raise ConfigError(f"sdxl_config.yaml: model.vae: {cfg.model.vae!r} not found locally")
+        single_file_config = cfg.model.single_file_config
+        if single_file_config:
+            single_file_config = self.settings.model_path(single_file_config)
+        pipe = load_sdxl_pipeline(
+            self.source,
+            self.dtype,
+            variant=cfg.model.variant if self.profile == "sdxl" else None,
+            cache_dir=cfg.model.cache_dir,
+            single_file_config=single_file_config,
+            vae=vae,
+        )
+        # PyTorch SDPA everywhere; xformers is never enabled (config rejects it).
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+        pipe.vae.set_attn_processor(AttnProcessor2_0())
+        pipe.set_progress_bar_config(disable=True)
+        if self.device.type == "cuda" and cfg.hardware.vram_optimization:
+            pipe.unet.to(memory_format=torch.channels_last)
+        pipe.scheduler = _make_scheduler(cfg.generation.scheduler, pipe.scheduler.config)
+        return pipe
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        request: GenerationRequest,
+        on_step: StepCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> GenerationOutput:
+        with self._lock:
+            if cancel is not None and cancel.is_set():
+                raise CancelledError("cancelled before start")
+            timings: dict[str, float] = {"load_s": self.load()}
+            pipe = self.pipe
+            started = time.perf_counter()
+            self.loras.apply(request.loras)
+            timings["lora_s"] = time.perf_counter() - started
+
+            if request.scheduler != type(pipe.scheduler).__name__:
+                pipe.scheduler = _make_scheduler(request.scheduler, pipe.scheduler.config)
+
+            started = time.perf_counter()
+            embeds = self._encode(request.prompt, request.negative_prompt)
+            timings["encode_s"] = time.perf_counter() - started
+
+            step_times: list[float] = []
+
+            def on_step_end(p, step, timestep, callback_kwargs):
+                step_times.append(time.perf_counter())
+                if on_step is not None:
+                    on_step(step + 1, request.steps)
+                if cancel is not None and cancel.is_set():
+                    p._interrupt = True
+                return callback_kwargs
+
+            run_pipe, extra = pipe, {}
+            if request.controls:
+                run_pipe, extra = cn.prepare(self, request)
+            generator = torch.Generator("cpu").manual_seed(request.seed)
+            started = time.perf_counter()
+            try:
+                with torch.inference_mode(), cn.skip_outside_window(run_pipe):
+                    result = run_pipe(
+                        **embeds,
+                        **extra,
+                        width=request.width,
+                        height=request.height,
+                        num_inference_steps=request.steps,
+                        guidance_scale=request.cfg_scale,
+                        generator=generator,
+                        callback_on_step_end=on_step_end,
+                        output_type="pil",
+                    )
+            except torch.OutOfMemoryError as exc:
+                _free_cuda()
+                raise RuntimeError(
+                    "the GPU ran out of memory during generation; the engine has recovered. "
+                    "Try a smaller size, fewer ControlNets, or release the GPU from other programs."
+                ) from exc
+            if cancel is not None and cancel.is_set():
+                raise CancelledError("generation cancelled")
+            finished = time.perf_counter()
+            timings["denoise_s"] = (step_times[-1] if step_times else finished) - started
+            timings["decode_s"] = finished - (step_times[-1] if step_times else finished)
+            self._learn_step_cost(timings["denoise_s"], request)
+            return GenerationOutput(result.images[0], {k: round(v, 4) for k, v in timings.items()})
+
+    def _encode(self, prompt: str, negative_prompt: str) -> dict:
+        """Both SDXL text encoders through compel: weighting syntax and prompts over 77 tokens work."""
+        from compel import CompelForSDXL
+
+        if self._compel is None:
+            self._compel = CompelForSDXL(self.pipe, device=self.device)
+        with torch.inference_mode():
+            c = self._compel(prompt, negative_prompt=negative_prompt)
+        return {
+            "prompt_embeds": c.embeds,
+            "pooled_prompt_embeds": c.pooled_embeds,
+            "negative_prompt_embeds": c.negative_embeds,
+            "negative_pooled_prompt_embeds": c.negative_pooled_embeds,
+        }
+
+    # ------------------------------------------------------------------ estimates and status
+    def estimate_seconds(self, width: int, height: int, steps: int, n_controls: int = 0) -> float:
+        megapixels = width * height / 1e6
+        return self._step_cost * megapixels * steps * (1 + 0.8 * n_controls) + 1.0
+
+    def _learn_step_cost(self, denoise_s: float, request: GenerationRequest) -> None:
+        megapixels = request.width * request.height / 1e6
+        observed = denoise_s / max(1, request.steps) / megapixels / (1 + 0.8 * len(request.controls))
+        self._step_cost = 0.5 * self._step_cost + 0.5 * observed
+
+    def status(self) -> dict:
+        info = {
+            "profile": self.profile,
+            "model": self.model_name,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "state": self.state,
+            "loras_loaded": sorted(self.loras.loaded) if self.loras else [],
+            "loras_active": [{"adapter": n, "weight": w} for n, w in self.loras.active] if self.loras else [],
+            "controlnets_loaded": sorted(self.controlnets),
+        }
+        if self.device.type == "cuda":
+            info["torch_allocated_gb"] = round(torch.cuda.memory_allocated() / 2**30, 3)
+            info["torch_reserved_gb"] = round(torch.cuda.memory_reserved() / 2**30, 3)
+            info["torch_peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        return info
+
+    def attention_backends(self) -> dict[str, list[str]]:
+        """Which attention implementation each model uses (to verify SDPA is in force)."""
+        if self.pipe is None:
+            return {}
+        return {
+            "unet": sorted({type(p).__name__ for p in self.pipe.unet.attn_processors.values()}),
+            "vae": sorted({type(p).__name__ for p in self.pipe.vae.attn_processors.values()}),
+            "text_encoder": [self.pipe.text_encoder.config._attn_implementation],
+            "text_encoder_2": [self.pipe.text_encoder_2.config._attn_implementation],
+        }
+
+
+def _pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("sdxl_config.yaml: hardware.device: cuda requested but no CUDA GPU is visible")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def _make_scheduler(name: str, config):
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise UserInputError(f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)}")
+    return getattr(diffusers, name).from_config(config)
+
+
+def _free_cuda() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()

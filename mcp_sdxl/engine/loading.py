@@ -1,0 +1,124 @@
+"""Find and load SDXL weights and ControlNets: hub ids (local cache only), folders, single files.
+
+Nothing here downloads: hub ids are read from the local Hugging Face cache, and single-file
+checkpoints are read with the weight-less SDXL-base config folder that ships in this package.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mcp_sdxl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SDXL_BASE_CONFIG_DIR = Path(__file__).with_name("sdxl_base_config")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    kind: str  # "single_file" | "folder" | "hub"
+    location: str  # path or hub id
+
+    def describe(self) -> str:
+        return f"{self.kind}: {self.location}"
+
+
+def resolve_source(value: str, models_root: Path, cache_dir: str | None = None) -> WeightSource | None:
+    """Where `value` (file, folder or hub id) can be loaded from offline, or None if nowhere."""
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = models_root / path
+    if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
+        return WeightSource("single_file", str(path))
+    if path.is_dir():
+        return WeightSource("folder", str(path))
+    if _looks_like_hub_id(value) and _in_hf_cache(value, cache_dir):
+        return WeightSource("hub", value)
+    return None
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    parts = value.split("/")
+    return len(parts) == 2 and all(parts) and not value.startswith((".", "/", "~"))
+
+
+def _in_hf_cache(repo_id: str, cache_dir: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("model_index.json", "config.json"):
+        hit = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
+        if isinstance(hit, str):
+            return True
+    return False
+
+
+def load_sdxl_pipeline(
+    source: WeightSource,
+    dtype: torch.dtype,
+    *,
+    variant: str | None = None,
+    cache_dir: str | None = None,
+    single_file_config: str | Path | None = None,
+    vae: WeightSource | None = None,
+):
+    """Load a StableDiffusionXLPipeline on the CPU (the engine moves it to the device)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    kwargs = {"torch_dtype": dtype}
+    if vae is not None:
+        kwargs["vae"] = _load_vae(vae, dtype, cache_dir)
+    try:
+        if source.kind == "single_file":
+            config = str(single_file_config or SDXL_BASE_CONFIG_DIR)
+            pipe = StableDiffusionXLPipeline.from_single_file(
+                source.location, config=config, local_files_only=True, **kwargs
+            )
+        else:
+            pipe = _from_pretrained(StableDiffusionXLPipeline, source, variant, cache_dir, **kwargs)
+    except Exception as exc:
+        raise ConfigError(f"cannot load SDXL weights from {source.describe()}: {type(exc).__name__}: {exc}") from exc
+    return pipe
+
+
+def _load_vae(source: WeightSource, dtype, cache_dir):
+    from diffusers import AutoencoderKL
+
+    if source.kind == "single_file":
+        return AutoencoderKL.from_single_file(
+            source.location, config=str(SDXL_BASE_CONFIG_DIR), subfolder="vae", local_files_only=True, torch_dtype=dtype
+        )
+    return _from_pretrained(AutoencoderKL, source, None, cache_dir, torch_dtype=dtype)
+
+
+def load_controlnet(source: WeightSource, dtype: torch.dtype, cache_dir: str | None = None):
+    from diffusers import ControlNetModel
+
+    try:
+        if source.kind == "single_file":
+            config = Path(source.location).with_name("config.json")
+            if config.exists():  # diffusers-format weights saved as one file beside their config
+                from safetensors.torch import load_file
+
+                model = ControlNetModel.from_config(ControlNetModel.load_config(str(config)))
+                model.load_state_dict(load_file(source.location))
+                return model.to(dtype)
+            return ControlNetModel.from_single_file(source.location, local_files_only=True, torch_dtype=dtype)
+        return _from_pretrained(ControlNetModel, source, None, cache_dir, torch_dtype=dtype)
+    except Exception as exc:
+        raise ConfigError(f"cannot load ControlNet from {source.describe()}: {type(exc).__name__}: {exc}") from exc
+
+
+def _from_pretrained(cls, source: WeightSource, variant, cache_dir, **kwargs):
+    common = dict(local_files_only=True, cache_dir=cache_dir, **kwargs)
+    if variant:
+        try:
+            return cls.from_pretrained(source.location, variant=variant, **common)
+        except (OSError, ValueError):
+            log.info("no %s variant for %s; loading the default weights", variant, source.location)
+    return cls.from_pretrained(source.location, **common)

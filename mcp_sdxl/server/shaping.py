@@ -1,0 +1,85 @@
+"""Tool results for real clients: JSON text + inline preview(s) + resource links, under a byte budget.
+
+Claude Desktop rejects results over 1 MiB and renders only plain ImageContent; Qwen-Agent forwards
+only text blocks. So every result carries its full JSON as text, the best image as an inline
+preview, smaller previews for the next ones while the budget lasts, and a resource link for every
+image.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from typing import Any
+
+from mcp.types import CallToolResult, ImageContent, ResourceLink, TextContent
+from PIL import Image
+from pydantic import BaseModel
+
+from mcp_sdxl.store import encode_preview
+
+log = logging.getLogger(__name__)
+
+SECONDARY_PREVIEW_PX = 256
+MAX_PREVIEWS = 4
+
+
+def json_text(data: BaseModel | dict) -> str:
+    if isinstance(data, BaseModel):
+        return data.model_dump_json(indent=1, exclude_none=True)
+    return json.dumps(data, indent=1, default=str)
+
+
+def structured(data: BaseModel | dict) -> dict[str, Any]:
+    return data.model_dump(mode="json") if isinstance(data, BaseModel) else data
+
+
+def image_result(data: BaseModel, images: list[dict], max_px: int, max_bytes: int) -> CallToolResult:
+    """`images`: [{"id", "uri", "path"}] best first. Previews are added while the budget allows."""
+    text = json_text(data)
+    content: list[Any] = [TextContent(type="text", text=text)]
+    # Structured content is sent too: budget for the JSON twice, plus link overhead.
+    budget = max_bytes - 2 * len(text.encode()) - 400 * len(images) - 2_000
+    for n, info in enumerate(images[:MAX_PREVIEWS]):
+        px = max_px if n == 0 else min(max_px, SECONDARY_PREVIEW_PX)
+        allowance = int(budget * 3 / 4) - 200  # base64 grows data by 4/3
+        if allowance < 4_000:
+            break
+        try:
+            with Image.open(info["path"]) as img:
+                data_bytes, mime = encode_preview(img, px, allowance)
+        except OSError:
+            log.warning("no preview for %s", info["path"], exc_info=True)
+            continue
+        encoded = base64.b64encode(data_bytes).decode()
+        budget -= len(encoded) + 200
+        content.append(ImageContent(type="image", data=encoded, mime_type=mime))
+    for info in images:
+        content.append(ResourceLink(
+            type="resource_link", uri=info["uri"], name=info["id"], mime_type="image/png",
+            description=info.get("description"),
+        ))
+    return CallToolResult(content=content, structured_content=structured(data))
+
+
+def data_result(data: BaseModel | dict) -> CallToolResult:
+    return CallToolResult(content=[TextContent(type="text", text=json_text(data))], structured_content=structured(data))
+
+
+def inline_refs(schema: dict) -> dict:
+    """Replace every $ref with its definition, so clients that drop `$defs` lose nothing."""
+    defs = schema.get("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                target = defs[node["$ref"].split("/")[-1]]
+                merged = {**resolve(target), **{k: resolve(v) for k, v in node.items() if k != "$ref"}}
+                return merged
+            return {k: resolve(v) for k, v in node.items() if k != "$defs"}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)

@@ -1,0 +1,209 @@
+"""Images and their metadata on disk.
+
+Each image is `<output_dir>/<id>.png` with its parameters embedded (an A1111-style `parameters` text
+chunk that other SD tools read, plus the full JSON under `mcp_sdxl`) and a `<id>.json` sidecar.
+Writes go to a temp file in the same folder and are renamed into place, sidecar first, PNG last:
+an id exists exactly when its PNG exists, so nothing half-written is ever visible.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+from mcp_sdxl.errors import NotFoundError, UserInputError
+
+ID_RE = re.compile(r"^img_\d{8}-\d{6}_[0-9a-f]{8}$")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+MAX_INPUT_PIXELS = 64_000_000  # refuse decompression bombs in input images
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    id: str
+    path: Path
+    metadata: dict[str, Any]
+
+    @property
+    def uri(self) -> str:
+        return f"sdxl://images/{self.id}"
+
+
+class ImageStore:
+    def __init__(self, output_dir: Path, input_dirs: list[Path] | None = None):
+        self.output_dir = Path(output_dir)
+        self.input_dirs = [Path(p) for p in input_dirs or []]
+        self._lock = threading.Lock()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        for folder in self.input_dirs:
+            folder.mkdir(parents=True, exist_ok=True)
+        self._sweep_leftovers()
+
+    # ------------------------------------------------------------------ writing
+    def save(self, image: Image.Image, metadata: dict[str, Any]) -> StoredImage:
+        """Write `image` + `metadata` atomically and return its new id."""
+        image_id = f"img_{time.strftime('%Y%m%d-%H%M%S')}_{secrets.token_hex(4)}"
+        metadata = {"id": image_id, "created_at": time.time(), **metadata}
+        text = json.dumps(metadata, indent=2, default=str)
+
+        png_info = PngImagePlugin.PngInfo()
+        png_info.add_text("parameters", a1111_parameters(metadata))
+        png_info.add_text("mcp_sdxl", text)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", pnginfo=png_info)
+
+        png_path = self.output_dir / f"{image_id}.png"
+        json_path = self.output_dir / f"{image_id}.json"
+        try:
+            _atomic_write(json_path, text.encode())
+            _atomic_write(png_path, buffer.getvalue())
+        except OSError as exc:
+            json_path.unlink(missing_ok=True)
+            raise UserInputError(
+                f"cannot write to the output folder {self.output_dir}: {exc.strerror or exc}. "
+                "Free some disk space or point server.output_dir in sdxl_config.yaml at a writable folder."
+            ) from exc
+        return StoredImage(image_id, png_path, metadata)
+
+    def delete(self, image_id: str) -> None:
+        self._check_id(image_id)
+        (self.output_dir / f"{image_id}.png").unlink(missing_ok=True)
+        (self.output_dir / f"{image_id}.json").unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ reading
+    def get(self, image_id: str) -> StoredImage:
+        self._check_id(image_id)
+        png_path = self.output_dir / f"{image_id}.png"
+        if not png_path.exists():
+            raise NotFoundError(f"no image with id {image_id!r} in the store; use an id returned by a generation tool")
+        json_path = self.output_dir / f"{image_id}.json"
+        try:
+            metadata = json.loads(json_path.read_text())
+        except (OSError, ValueError):
+            metadata = {"id": image_id}
+        return StoredImage(image_id, png_path, metadata)
+
+    def list_ids(self, limit: int = 100) -> list[str]:
+        files = sorted(self.output_dir.glob("img_*.png"), key=lambda p: p.stat().st_mtime, reverse=True)
+        return [p.stem for p in files[:limit] if ID_RE.match(p.stem)]
+
+    def open_image(self, ref: str) -> tuple[Image.Image, str]:
+        """Open an input image given as a store id or a path under the input folders.
+
+        Returns the RGB image and a short description of where it came from.
+        """
+        path = self.resolve_input(ref)
+        try:
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_INPUT_PIXELS:
+                    raise UserInputError(f"{ref}: image is too large ({img.width}x{img.height})")
+                return img.convert("RGB"), str(path)
+        except UserInputError:
+            raise
+        except Exception as exc:  # PIL raises many types for bad files
+            raise UserInputError(f"{ref}: not a readable image ({type(exc).__name__}: {exc})") from exc
+
+    def resolve_input(self, ref: str) -> Path:
+        """Map an id or a path to a real file, confined to the store and the input folders."""
+        if not isinstance(ref, str) or not ref.strip():
+            raise UserInputError("image reference must be a non-empty string: a store id or a path")
+        ref = ref.strip()
+        if ref.startswith("sdxl://images/"):
+            ref = ref.removeprefix("sdxl://images/")
+        if ID_RE.match(ref):
+            return self.get(ref).path
+        roots = [self.output_dir, *self.input_dirs]
+        candidate = Path(os.path.expanduser(ref))
+        candidates = [candidate] if candidate.is_absolute() else [root / candidate for root in roots]
+        for path in candidates:
+            real = path.resolve()  # follows symlinks, so a link pointing outside is caught below
+            if not any(real.is_relative_to(root.resolve()) for root in roots):
+                continue
+            if real.is_file():
+                if real.suffix.lower() not in IMAGE_SUFFIXES:
+                    raise UserInputError(f"{ref}: not an image file (use one of {sorted(IMAGE_SUFFIXES)})")
+                return real
+        allowed = ", ".join(str(r) for r in roots)
+        raise UserInputError(
+            f"{ref!r} is not an image id or a file under the allowed folders ({allowed}). "
+            "Copy the image into an input folder and pass its name, or pass an id from a previous result."
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def _check_id(self, image_id: str) -> None:
+        if not isinstance(image_id, str) or not ID_RE.match(image_id):
+            raise UserInputError(f"{image_id!r} is not an image id (ids look like img_20261125-101500_1a2b3c4d)")
+
+    def _sweep_leftovers(self) -> None:
+        """Remove temp files from writes a crash interrupted, and sidecars whose PNG never landed."""
+        for tmp in self.output_dir.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        for sidecar in self.output_dir.glob("img_*.json"):
+            if not sidecar.with_suffix(".png").exists():
+                sidecar.unlink(missing_ok=True)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(3)}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def a1111_parameters(meta: dict[str, Any]) -> str:
+    """The `parameters` text other Stable Diffusion tools (A1111, Civitai, ComfyUI readers) parse."""
+    lines = [str(meta.get("prompt", ""))]
+    if meta.get("negative_prompt"):
+        lines.append(f"Negative prompt: {meta['negative_prompt']}")
+    fields = {
+        "Steps": meta.get("steps"),
+        "Sampler": meta.get("scheduler"),
+        "CFG scale": meta.get("cfg_scale"),
+        "Seed": meta.get("seed"),
+        "Size": f"{meta.get('width')}x{meta.get('height')}" if meta.get("width") else None,
+        "Model": meta.get("model"),
+    }
+    loras = meta.get("loras") or []
+    if loras:
+        fields["Lora weights"] = ", ".join(f"{lo['name']}: {lo['weight']}" for lo in loras)
+    controls = meta.get("controls") or []
+    if controls:
+        fields["ControlNet"] = ", ".join(f"{c['type']}: {c['strength']}" for c in controls)
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None))
+    return "\n".join(lines)
+
+
+def encode_preview(image: Image.Image, max_px: int, max_bytes: int) -> tuple[bytes, str]:
+    """A small inline preview (WebP, JPEG fallback) within `max_px` on the long side and `max_bytes`."""
+    preview = image.convert("RGB")
+    if max(preview.size) > max_px:
+        preview.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
+    for quality in (80, 65, 50, 35):
+        for fmt, mime in (("WEBP", "image/webp"), ("JPEG", "image/jpeg")):
+            buffer = io.BytesIO()
+            try:
+                preview.save(buffer, format=fmt, quality=quality)
+            except (OSError, KeyError):
+                continue  # this Pillow has no WebP encoder
+            if buffer.tell() <= max_bytes:
+                return buffer.getvalue(), mime
+        preview.thumbnail((max(64, preview.width * 3 // 4), max(64, preview.height * 3 // 4)))
+    buffer = io.BytesIO()
+    preview.thumbnail((64, 64))
+    preview.save(buffer, format="JPEG", quality=30)
+    return buffer.getvalue(), "image/jpeg"

@@ -1,0 +1,255 @@
+"""Turn flat tool arguments into a validated generation plan (no torch, no GPU: fast to reject).
+
+This is the seed's CharacterGenerator front half: preset + scene + LoRA stack + trigger words +
+quality preset + size + seeds + controls. Every problem raises UserInputError/NotFoundError with
+a message that names what would work.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+from mcp_sdxl.config import Settings
+from mcp_sdxl.config.models import CharacterPreset, LoraEntry
+from mcp_sdxl.errors import NotFoundError, UserInputError
+from mcp_sdxl.studio.prompting import compose_prompt, merge_negative
+
+CONTROL_KINDS = {"pose": "openpose", "depth": "depth", "canny": "canny"}
+
+
+@dataclass
+class LoraChoice:
+    kind: str  # character | background | style
+    name: str
+    weight: float
+    entry: LoraEntry
+
+
+@dataclass
+class ControlChoice:
+    kind: str  # openpose | depth | canny
+    image_ref: str | None  # input path or store id
+    pose_preset: str | None
+    strength: float
+    preprocess: bool
+
+
+@dataclass
+class Plan:
+    kind: str  # character | control
+    character: str | None
+    prompt: str
+    negative_prompt: str
+    loras: list[LoraChoice]
+    quality: str
+    steps: int
+    cfg_scale: float
+    scheduler: str
+    width: int
+    height: int
+    seeds: list[int]
+    filter_consistency: bool
+    threshold: float | None
+    controls: list[ControlChoice] = field(default_factory=list)
+    control_start: float = 0.0
+    control_end: float = 1.0
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps * len(self.seeds)
+
+
+def _finite(name: str, value, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserInputError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+    if not low <= value <= high:
+        raise UserInputError(f"{name} must be in [{low:g}, {high:g}], got {value:g}")
+    return float(value)
+
+
+def _pick(names: dict, kind: str, name: str):
+    if name not in names:
+        valid = ", ".join(sorted(names)) or "none configured"
+        raise NotFoundError(f"unknown {kind} {name!r}; valid {kind}s: {valid} (see list_characters)")
+    return names[name]
+
+
+class Planner:
+    def __init__(self, settings: Settings, profile: str):
+        self.settings = settings
+        self.profile = profile
+
+    # ------------------------------------------------------------------ characters
+    def character_names(self) -> list[str]:
+        return sorted(set(self.settings.presets) | set(self.settings.loras.characters))
+
+    def preset(self, character: str) -> CharacterPreset:
+        if not isinstance(character, str) or character not in self.character_names():
+            valid = ", ".join(self.character_names()) or "none configured"
+            raise NotFoundError(f"unknown character {character!r}; valid characters: {valid} (see list_characters)")
+        preset = self.settings.presets.get(character)
+        if preset is None:  # a registry LoRA without a preset: sensible defaults
+            entry = self.settings.loras.characters[character]
+            preset = CharacterPreset(character_name=entry.name, lora_name=character)
+        return preset
+
+    # ------------------------------------------------------------------ plan
+    def plan(
+        self,
+        *,
+        kind: str,
+        character: str | None,
+        scene_description: str,
+        background: str | None = None,
+        style: str | None = None,
+        quality: str | None = None,
+        seed: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        cfg_scale: float | None = None,
+        negative_prompt: str | None = None,
+        character_weight: float | None = None,
+        background_weight: float | None = None,
+        style_weight: float | None = None,
+        num_candidates: int = 1,
+        filter_consistency: bool = True,
+        threshold: float | None = None,
+        controls: list[ControlChoice] | None = None,
+        control_start: float = 0.0,
+        control_end: float = 1.0,
+    ) -> Plan:
+        gen = self.settings.sdxl.generation
+        limits = gen.limits
+        preset = self.preset(character) if character is not None else None
+        if not isinstance(scene_description, str):
+            raise UserInputError("scene_description/prompt must be a string")
+        if len(scene_description) > 4000 or len(negative_prompt or "") > 4000:
+            raise UserInputError("prompts are limited to 4000 characters; shorten the description")
+        if preset is None and not scene_description.strip():
+            raise UserInputError("give a prompt (or a character) describing the image")
+
+        loras = self._loras(preset, background, style, character_weight, background_weight, style_weight)
+        triggers = [w for lo in loras if lo.weight > 0 for w in lo.entry.trigger_words]
+        prompt = compose_prompt([preset.base_prompt if preset else "", scene_description], triggers)
+        negative = merge_negative(preset.negative_prompt if preset else "", negative_prompt)
+
+        quality = quality or gen.default_quality
+        if quality not in gen.quality_presets:
+            raise UserInputError(f"unknown quality {quality!r}; use one of {', '.join(gen.quality_presets)}")
+        q = gen.quality_presets[quality]
+        params = preset.generation_params if preset else None
+        # A preset's own steps/cfg refine the 'standard' quality; draft/high stay what they say.
+        base_steps = params.steps if params and params.steps and quality == gen.default_quality else q.steps
+        if steps is not None:
+            base_steps = int(_finite("steps", steps, 1, limits.max_steps))
+        elif self.profile == "tiny":
+            base_steps = max(2, round(base_steps * self.settings.sdxl.tiny.steps_scale))
+        cfg = cfg_scale if cfg_scale is not None else (params.cfg_scale if params and params.cfg_scale else q.cfg_scale)
+        cfg = _finite("cfg_scale", cfg, 0.0, 30.0)
+        scheduler = (params.scheduler if params and params.scheduler else None) or gen.scheduler
+
+        width, height = self._size(preset, width, height)
+        count = int(_finite("num_candidates", num_candidates, 1, limits.max_candidates))
+        if seed is None:
+            seed = random.randint(0, 2**31 - 1)
+        seed = int(_finite("seed", seed, 0, 2**32 - 1 - count))
+        if threshold is not None:
+            threshold = _finite("threshold", threshold, 0.0, 1.0)
+        control_start = _finite("control_start", control_start, 0.0, 1.0)
+        control_end = _finite("control_end", control_end, 0.0, 1.0)
+        if control_start >= control_end:
+            raise UserInputError(f"control_start ({control_start}) must be below control_end ({control_end})")
+
+        return Plan(
+            kind=kind, character=character, prompt=prompt, negative_prompt=negative, loras=loras,
+            quality=quality, steps=base_steps, cfg_scale=cfg, scheduler=scheduler, width=width, height=height,
+            seeds=[seed + i for i in range(count)], filter_consistency=bool(filter_consistency),
+            threshold=threshold, controls=controls or [], control_start=control_start, control_end=control_end,
+        )
+
+    def _loras(self, preset, background, style, character_weight, background_weight, style_weight):
+        registry = self.settings.loras
+        chosen: list[LoraChoice] = []
+        if preset is not None and preset.lora_name:
+            entry = registry.characters[preset.lora_name]
+            weight = character_weight if character_weight is not None else (preset.lora_weight or entry.default_weight)
+            chosen.append(LoraChoice("character", preset.lora_name, _finite("character_weight", weight, 0, 1), entry))
+        elif character_weight is not None:
+            _finite("character_weight", character_weight, 0, 1)
+        if background:
+            entry = _pick(registry.backgrounds, "background", background)
+            weight = background_weight if background_weight is not None else entry.default_weight
+            chosen.append(LoraChoice("background", background, _finite("background_weight", weight, 0, 1), entry))
+        if style is None and preset is not None:
+            style = preset.default_style
+        if style and style != "none":
+            entry = _pick(registry.styles, "style", style)
+            weight = style_weight if style_weight is not None else entry.default_weight
+            chosen.append(LoraChoice("style", style, _finite("style_weight", weight, 0, 1), entry))
+        for name, value in (("background_weight", background_weight), ("style_weight", style_weight)):
+            if value is not None:
+                _finite(name, value, 0, 1)
+        return chosen
+
+    def _size(self, preset, width, height) -> tuple[int, int]:
+        gen = self.settings.sdxl.generation
+        limits = gen.limits
+        if self.profile == "tiny":
+            default = self.settings.sdxl.tiny.default_size
+            low = 64
+        else:
+            size = preset.generation_params.size if preset else None
+            default = size or gen.default_size
+            low = limits.min_size
+        width = default[0] if width is None else width
+        height = default[1] if height is None else height
+        for name, value in (("width", width), ("height", height)):
+            _finite(name, value, low, limits.max_size)
+            if int(value) != value or int(value) % 8:
+                raise UserInputError(f"{name} must be a multiple of 8 in [{low}, {limits.max_size}], got {value}")
+        if width * height > limits.max_pixels:
+            raise UserInputError(f"{width}x{height} exceeds the pixel limit {limits.max_pixels}; use a smaller size")
+        return int(width), int(height)
+
+    # ------------------------------------------------------------------ controls
+    def controls(
+        self,
+        *,
+        pose_image: str | None,
+        pose_preset: str | None,
+        pose_strength: float | None,
+        depth_image: str | None,
+        depth_strength: float | None,
+        canny_image: str | None,
+        canny_strength: float | None,
+        preprocess: bool,
+    ) -> list[ControlChoice]:
+        configured = self.settings.controlnet.controlnets
+        inputs = {
+            "openpose": (pose_image, pose_strength),
+            "depth": (depth_image, depth_strength),
+            "canny": (canny_image, canny_strength),
+        }
+        if pose_image and pose_preset:
+            raise UserInputError("give pose_image or pose_preset, not both")
+        chosen = []
+        for kind, (ref, strength) in inputs.items():
+            preset = pose_preset if kind == "openpose" else None
+            if not ref and not preset:
+                if strength is not None:
+                    raise UserInputError(f"{kind} strength given without an image for it")
+                continue
+            if self.profile != "tiny" and kind not in configured:
+                raise UserInputError(f"no ControlNet is configured for {kind} in controlnet_config.yaml")
+            default = configured[kind].default_strength if kind in configured else 1.0
+            value = _finite(f"{'pose' if kind == 'openpose' else kind}_strength", default if strength is None else strength, 0, 2)
+            chosen.append(ControlChoice(kind, ref or None, preset, value, bool(preprocess)))
+        if not chosen:
+            raise UserInputError(
+                "give at least one control: pose_image or pose_preset, depth_image, or canny_image "
+                "(paths under the input folders or image ids)"
+            )
+        return chosen

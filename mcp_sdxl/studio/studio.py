@@ -1,0 +1,407 @@
+"""The studio: one engine, one image store, one face checker, one GPU lease, one job queue.
+
+This is what the MCP tools call. It plans a request (fast, no GPU), queues it, and the engine
+worker runs it: take the GPU lease, prepare controls, generate each candidate, save, score, rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from mcp_sdxl.config import Settings
+from mcp_sdxl.errors import CancelledError, NotFoundError, UserInputError
+from mcp_sdxl.store import ImageStore, StoredImage
+from mcp_sdxl.studio.jobs import Job, JobQueue
+from mcp_sdxl.studio.planning import Plan, Planner
+from mcp_sdxl.studio.results import ControlUsed, FaceCheck, GenerationResult, ImageInfo, JobInfo, LoraUsed
+
+log = logging.getLogger(__name__)
+
+
+class Studio:
+    def __init__(self, settings: Settings):
+        from mcp_sdxl.consistency import ConsistencyChecker
+        from mcp_sdxl.engine import Engine
+        from mcp_sdxl.lease import GpuLease
+
+        self.settings = settings
+        self.store = ImageStore(settings.output_dir, settings.input_dirs)
+        self.engine = Engine(settings)
+        self.planner = Planner(settings, self.engine.profile)
+        self.checker = ConsistencyChecker(settings.consistency, settings.models_root)
+        lease_config = settings.lease
+        if lease_config.runtime_dir is not None and not Path(lease_config.runtime_dir).is_absolute():
+            lease_config = lease_config.model_copy(update={"runtime_dir": settings.data_path(lease_config.runtime_dir)})
+        self.lease = GpuLease(lease_config)
+        server = settings.sdxl.server
+        self.jobs = JobQueue(server.queue_limit, server.job_ttl_s, on_idle=self._arm_idle_release)
+        self._idle_timer: threading.Timer | None = None
+        self._gpu_lock = threading.RLock()
+        self.recovery = self.lease.recover()  # wake an LLM that a crashed holder left asleep
+
+    # ------------------------------------------------------------------ catalogue
+    def list_characters(self) -> dict[str, Any]:
+        registry = self.settings.loras
+        characters = []
+        for name in self.planner.character_names():
+            preset = self.planner.preset(name)
+            characters.append({
+                "name": name,
+                "display_name": preset.character_name,
+                "lora": preset.lora_name,
+                "lora_weight": preset.lora_weight,
+                "default_style": preset.default_style,
+                "base_prompt": preset.base_prompt,
+                "negative_prompt": preset.negative_prompt,
+                "trigger_words": registry.characters[preset.lora_name].trigger_words if preset.lora_name else [],
+                "consistency_threshold": preset.consistency_threshold,
+                "reference_embeddings": len(self._reference_paths(name, preset)),
+                "generation_params": preset.generation_params.model_dump(exclude_none=True),
+            })
+
+        def entries(kind: str, table: dict) -> list[dict]:
+            out = []
+            for key, entry in table.items():
+                path = self.settings.model_path(entry.lora_path)
+                out.append({
+                    "name": key,
+                    "display_name": entry.name,
+                    "default_weight": entry.default_weight,
+                    "trigger_words": entry.trigger_words,
+                    "lora_path": str(path),
+                    "lora_file_present": self.engine.profile == "tiny" or path.is_file(),
+                })
+            return out
+
+        lora_tables = {k: entries(k, t) for k, t in registry.kinds().items()}
+        from mcp_sdxl.engine.preprocess import list_pose_presets
+
+        return {
+            "characters": characters,
+            "backgrounds": lora_tables["background"],
+            "styles": lora_tables["style"],
+            "missing_lora_files": [e["lora_path"] for t in lora_tables.values() for e in t if not e["lora_file_present"]],
+            "quality_presets": {k: v.model_dump() for k, v in self.settings.sdxl.generation.quality_presets.items()},
+            "pose_presets": list_pose_presets(self.settings.poses_dir),
+            "controlnets": sorted(self.settings.controlnet.controlnets),
+            "profile": self.engine.profile,
+            "model": self.engine.model_name,
+            "input_dirs": [str(p) for p in self.store.input_dirs],
+        }
+
+    def _reference_paths(self, name: str, preset) -> list[Path]:
+        try:
+            backend = self.checker.backend_name
+        except Exception:  # no face backend at all: nothing to count
+            return []
+        return self.checker.store.stored_paths(name, backend) + [
+            self.settings.model_path(p) for p in preset.reference_embeddings if self.settings.model_path(p).is_file()
+        ]
+
+    # ------------------------------------------------------------------ generation
+    def submit(self, plan: Plan) -> Job:
+        return self.jobs.submit(plan.kind, plan.total_steps, lambda job: self._run(job, plan))
+
+    def estimate_seconds(self, plan: Plan) -> float:
+        per_image = self.engine.estimate_seconds(plan.width, plan.height, plan.steps, len(plan.controls))
+        loading = 0.0 if self.engine.state == "ready" else (5.0 if self.engine.profile == "sdxl" else 2.0)
+        return per_image * len(plan.seeds) + loading
+
+    def _run(self, job: Job, plan: Plan) -> GenerationResult:
+        from mcp_sdxl.engine import ControlInput, GenerationRequest, LoraSpec
+
+        started = time.perf_counter()
+        saved: list[StoredImage] = []
+        try:
+            lease_s = self.acquire_gpu(purpose=f"{plan.kind} ({job.id})")
+            loras = [
+                LoraSpec(f"{lo.kind}:{lo.name}", self.engine.lora_file(lo.kind, lo.name), lo.weight) for lo in plan.loras
+            ]
+            controls, control_used, control_images = [], [], []
+            for choice in plan.controls:
+                control_map, source = self._control_map(choice, plan.width, plan.height)
+                stored = self.store.save(control_map, {
+                    "type": "control_map", "control_type": choice.kind, "source": source,
+                    "preprocessed": choice.preprocess, "job_id": job.id,
+                })
+                saved.append(stored)
+                control_images.append(self._info(stored))
+                controls.append(ControlInput(choice.kind, control_map, choice.strength))
+                control_used.append(ControlUsed(
+                    type=choice.kind, strength=choice.strength, source=source,
+                    preprocessed=choice.preprocess and choice.pose_preset is None, control_image_id=stored.id,
+                ))
+            lora_used = [
+                LoraUsed(kind=lo.kind, name=lo.name, weight=lo.weight, trigger_words=lo.entry.trigger_words)
+                for lo in plan.loras
+            ]
+            timings: dict[str, float] = {"lease_s": round(lease_s, 4)}
+            images: list[StoredImage] = []
+            for i, seed in enumerate(plan.seeds):
+                request = GenerationRequest(
+                    prompt=plan.prompt, negative_prompt=plan.negative_prompt, width=plan.width, height=plan.height,
+                    steps=plan.steps, cfg_scale=plan.cfg_scale, seed=seed, scheduler=plan.scheduler, loras=loras,
+                    controls=controls, control_start=plan.control_start, control_end=plan.control_end,
+                )
+                offset = i * plan.steps
+
+                def on_step(done: int, total: int, i=i, offset=offset) -> None:
+                    job.report(offset + done, f"image {i + 1}/{len(plan.seeds)}, step {done}/{total}")
+
+                output = self.engine.generate(request, on_step=on_step, cancel=job.cancel_event)
+                for key, value in output.timings.items():
+                    timings[key] = round(timings.get(key, 0.0) + value, 4)
+                metadata = {
+                    "type": "generated", "kind": plan.kind, "character": plan.character, "prompt": plan.prompt,
+                    "negative_prompt": plan.negative_prompt, "seed": seed, "steps": plan.steps,
+                    "cfg_scale": plan.cfg_scale, "scheduler": plan.scheduler, "width": plan.width,
+                    "height": plan.height, "quality": plan.quality, "profile": self.engine.profile,
+                    "model": self.engine.model_name,
+                    "loras": [lo.model_dump() for lo in lora_used],
+                    "controls": [c.model_dump() for c in control_used],
+                    "control_start": plan.control_start, "control_end": plan.control_end,
+                    "timings": output.timings, "job_id": job.id,
+                }
+                stored = self.store.save(output.image, metadata)
+                saved.append(stored)
+                images.append(stored)
+                job.partial.append(stored.id)
+
+            infos = [self._info(s) for s in images]
+            summary = None
+            if plan.character and plan.filter_consistency:
+                infos, summary = self._rank_by_face(plan, images, infos)
+            timings["total_s"] = round(time.perf_counter() - started, 4)
+            return GenerationResult(
+                images=infos, control_images=control_images, character=plan.character, prompt=plan.prompt,
+                negative_prompt=plan.negative_prompt, loras=lora_used, controls=control_used,
+                quality=plan.quality, steps=plan.steps, cfg_scale=plan.cfg_scale, scheduler=plan.scheduler,
+                width=plan.width, height=plan.height, profile=self.engine.profile, model=self.engine.model_name,
+                consistency_summary=summary, timings=timings,
+                message=f"{len(infos)} image(s) generated" + (" by the tiny engine (random weights: images are not meaningful)" if self.engine.profile == "tiny" else ""),
+            )
+        except BaseException:
+            # A failed or cancelled call leaves nothing behind in the store.
+            for stored in saved:
+                self.store.delete(stored.id)
+            raise
+
+    def _control_map(self, choice, width: int, height: int):
+        from mcp_sdxl.engine.preprocess import PreprocessSettings, prepare_control
+
+        pre = self.settings.controlnet.preprocessing
+        model_path = self.settings.model_path
+        settings = PreprocessSettings(
+            canny_low=pre.canny.low_threshold, canny_high=pre.canny.high_threshold,
+            detect_hands=pre.openpose.detect_hands, detect_face=pre.openpose.detect_face,
+            annotator_dir=str(model_path(pre.openpose.annotator_dir)) if pre.openpose.annotator_dir else None,
+            depth_model=_model_ref(pre.depth.model, model_path), presets_dir=self.settings.poses_dir,
+        )
+        if choice.pose_preset:
+            image, source = None, f"pose preset {choice.pose_preset}"
+        else:
+            image, source = self.store.open_image(choice.image_ref)
+        control = prepare_control(
+            "pose" if choice.kind == "openpose" else choice.kind, image, preprocess=choice.preprocess,
+            width=width, height=height, settings=settings, pose_preset=choice.pose_preset,
+        )
+        return control, source
+
+    def _rank_by_face(self, plan: Plan, images: list[StoredImage], infos: list[ImageInfo]):
+        from PIL import Image
+
+        from mcp_sdxl.consistency import rank_candidates
+
+        preset = self.planner.preset(plan.character)
+        try:
+            refs = self.checker.references_for(plan.character, preset.reference_embeddings)
+        except NotFoundError as exc:
+            return infos, f"not scored: {exc}"
+        threshold = self.checker.resolve_threshold(plan.threshold, preset.consistency_threshold)
+        pictures = [Image.open(s.path).convert("RGB") for s in images]
+        ranking = rank_candidates(self.checker.score(pictures, refs, threshold))
+        ordered = []
+        for cand in ranking.candidates:
+            info = infos[cand.index]
+            s = cand.score
+            info.consistency = FaceCheck(
+                face_found=s.face_found, similarity=s.similarity, similarity_best=s.similarity_best,
+                similarity_mean=s.similarity_mean, is_match=s.is_match, threshold=s.threshold,
+                backend=s.backend, rank=cand.rank,
+            )
+            ordered.append(info)
+        passed = len(ranking.passed_indices)
+        summary = (
+            f"{passed} of {len(images)} candidate(s) match {plan.character} "
+            f"({ranking.candidates[0].score.backend}, threshold {threshold:.3f}); best first"
+        )
+        if not ranking.any_passed:
+            summary += "; none passed, the closest is returned first"
+        return ordered, summary
+
+    def _info(self, stored: StoredImage) -> ImageInfo:
+        meta = stored.metadata
+        width, height = meta.get("width"), meta.get("height")
+        if not width:
+            from PIL import Image
+
+            with Image.open(stored.path) as img:
+                width, height = img.size
+        return ImageInfo(id=stored.id, uri=stored.uri, path=str(stored.path), width=width, height=height,
+                         seed=meta.get("seed"))
+
+    # ------------------------------------------------------------------ jobs
+    def job_info(self, job: Job) -> JobInfo:
+        summary = job.summary()
+        return JobInfo(
+            job_id=job.id, kind=job.kind, state=job.state, progress=summary["progress"], error=job.error,
+            ahead=self.jobs.ahead_of(job) if job.state == "queued" else 0,
+            result=job.result if job.state == "done" else None,
+            message={
+                "queued": "waiting for the engine; poll get_job",
+                "running": "generating; poll get_job",
+                "done": "finished: images are in result",
+                "failed": f"failed: {job.error}",
+                "cancelled": "cancelled; nothing was kept",
+            }[job.state],
+        )
+
+    # ------------------------------------------------------------------ GPU lease
+    def acquire_gpu(self, purpose: str) -> float:
+        """Hold the lease and have the engine on its device. Returns seconds spent."""
+        with self._gpu_lock:
+            self._cancel_idle_release()
+            started = time.perf_counter()
+            need = None if self.engine.device.type == "cuda" else 0.0
+            self.lease.acquire(purpose, need_gb=need)
+            try:
+                self.engine.load()
+            except BaseException:
+                self._release_engine("unload")
+                self.lease.release(wake_llm=True)
+                raise
+            return time.perf_counter() - started
+
+    def release_gpu(self, mode: str = "offload", wake_llm: bool = True) -> dict[str, Any]:
+        if mode not in ("offload", "unload"):
+            raise UserInputError(f"mode must be 'offload' or 'unload', got {mode!r}")
+        with self._gpu_lock:
+            self._cancel_idle_release()
+            before = self.lease.status().vram
+            engine_before = self.engine.state
+            started = time.perf_counter()
+            engine_s = self._release_engine(mode)
+            lease = self.lease.release(wake_llm=bool(wake_llm))
+            after = self.lease.status()
+            return {
+                "mode": mode,
+                "engine_state_before": engine_before,
+                "engine_state": self.engine.state,
+                "engine_release_s": round(engine_s, 4),
+                "total_s": round(time.perf_counter() - started, 4),
+                "lease": lease,
+                "vram_before": before.model_dump() if before else None,
+                "vram_after": after.vram.model_dump() if after.vram else None,
+                "vram_note": after.vram_note,
+                "llm_backend": after.llm_backend,
+                "llm_state": after.llm_state,
+                "llm_error": after.llm_error,
+            }
+
+    def _release_engine(self, mode: str) -> float:
+        if mode == "unload" or self.engine.device.type != "cuda":
+            # On the CPU there is no VRAM to give back; unload only when asked.
+            return self.engine.unload() if mode == "unload" else 0.0
+        return self.engine.offload()
+
+    def gpu_status(self) -> dict[str, Any]:
+        status = self.lease.status()
+        return {
+            "lease": status.model_dump(mode="json"),
+            "engine": self.engine.status(),
+            "queue": {"limit": self.jobs.limit},
+        }
+
+    def _arm_idle_release(self) -> None:
+        idle = self.settings.lease.idle_release_s
+        if not self.lease.held:
+            return
+        with self._gpu_lock:
+            self._cancel_idle_release()
+            self._idle_timer = threading.Timer(idle, self._idle_release)
+            self._idle_timer.daemon = True
+            self._idle_timer.start()
+
+    def _idle_release(self) -> None:
+        try:
+            log.info("idle for %g s: releasing the GPU", self.settings.lease.idle_release_s)
+            self.release_gpu("offload", wake_llm=True)
+        except Exception:
+            log.exception("idle release failed")
+
+    def _cancel_idle_release(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def close(self) -> None:
+        self._cancel_idle_release()
+        self.jobs.stop()
+        try:
+            self.release_gpu("unload", wake_llm=True)
+        except Exception:
+            log.exception("release at shutdown failed")
+
+    # ------------------------------------------------------------------ consistency
+    def score_images(self, images: list[str], character: str | None, reference_images: list[str] | None,
+                     threshold: float | None) -> dict[str, Any]:
+        if not images:
+            raise UserInputError("images must list at least one image id or path")
+        if len(images) > 32 or len(reference_images or []) > 32:
+            raise UserInputError("at most 32 images and 32 reference images per call")
+        preset = self.planner.preset(character) if character is not None else None
+        pictures = [self.store.open_image(ref)[0] for ref in images]
+        ref_pictures = [self.store.open_image(ref)[0] for ref in reference_images or []]
+        if preset is None and not ref_pictures:
+            raise UserInputError("give a character (with enrolled references) or reference_images to compare with")
+        refs = self.checker.references_for(
+            character, preset.reference_embeddings if preset else (), reference_images=ref_pictures
+        )
+        threshold = self.checker.resolve_threshold(threshold, preset.consistency_threshold if preset else None)
+        scores = self.checker.score(pictures, refs, threshold)
+        results = []
+        for ref, score in zip(images, scores):
+            results.append({"image": ref, **score.model_dump()})
+        matches = sum(1 for s in scores if s.is_match)
+        return {
+            "results": results,
+            "backend": self.checker.backend_name,
+            "threshold": threshold,
+            "references": len(refs),
+            "summary": f"{matches} of {len(scores)} image(s) match (backend {self.checker.backend_name}, threshold {threshold:.3f})",
+        }
+
+    def enroll(self, character: str, images: list[str]) -> dict[str, Any]:
+        self.planner.preset(character)
+        if not images:
+            raise UserInputError("images must list at least one image id or path showing the character's face")
+        pictures = [self.store.open_image(ref)[0] for ref in images]
+        paths = self.checker.enroll(character, pictures)
+        return {
+            "character": character,
+            "backend": self.checker.backend_name,
+            "added": [str(p) for p in paths],
+            "total_references": len(self.checker.store.stored_paths(character, self.checker.backend_name)),
+        }
+
+
+def _model_ref(value: str | None, model_path) -> str | None:
+    """A local path (relative to the models root) when it exists, else the value as a hub id."""
+    if not value:
+        return None
+    path = model_path(value)
+    return str(path) if path.exists() else value
