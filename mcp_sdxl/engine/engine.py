@@ -25,6 +25,17 @@ from mcp_sdxl.errors import CancelledError, ConfigError, UserInputError
 
 log = logging.getLogger(__name__)
 
+
+def _quiet_libraries() -> None:
+    """No progress bars or load reports on stderr: the server's log should say what matters."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
 SCHEDULERS = (
     "DPMSolverMultistepScheduler",
     "EulerDiscreteScheduler",
@@ -71,6 +82,7 @@ StepCallback = Callable[[int, int], None]  # (steps done, steps total)
 
 class Engine:
     def __init__(self, settings: Settings):
+        _quiet_libraries()
         self.settings = settings
         cfg = settings.sdxl
         self.device = _pick_device(cfg.hardware.device)
@@ -109,9 +121,9 @@ class Engine:
     def lora_file(self, kind: str, name: str) -> Path:
         """The LoRA file for a registry entry; the tiny profile builds its own small ones."""
         if self.profile == "tiny":
-            from mcp_sdxl.engine import tiny
+            from mcp_sdxl.engine import tiny_profile
 
-            return tiny.ensure_tiny_lora(self.settings.tiny_dir, kind, name)
+            return tiny_profile.ensure_tiny_lora(self.settings.tiny_dir, kind, name)
         return self.settings.model_path(self.settings.lora(kind, name).lora_path)
 
     # ------------------------------------------------------------------ residency

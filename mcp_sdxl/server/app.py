@@ -4,7 +4,6 @@ Tool inputs are flat (strings, numbers, booleans, lists of strings): some client
 Every failure becomes a tool error whose text says what would work.
 """
 
-from __future__ import annotations
 
 import functools
 import inspect

@@ -26,13 +26,12 @@ MAX_PREVIEWS = 4
 
 
 def json_text(data: BaseModel | dict) -> str:
-    if isinstance(data, BaseModel):
-        return data.model_dump_json(indent=1, exclude_none=True)
-    return json.dumps(data, indent=1, default=str)
+    """The same JSON as structuredContent, for clients that read only text blocks."""
+    return json.dumps(structured(data), indent=1, default=str)
 
 
 def structured(data: BaseModel | dict) -> dict[str, Any]:
-    return data.model_dump(mode="json") if isinstance(data, BaseModel) else data
+    return data.model_dump(mode="json") if isinstance(data, BaseModel) else json.loads(json.dumps(data, default=str))
 
 
 def image_result(data: BaseModel, images: list[dict], max_px: int, max_bytes: int) -> CallToolResult:

@@ -197,9 +197,10 @@ class Planner:
     def _size(self, preset, width, height) -> tuple[int, int]:
         gen = self.settings.sdxl.generation
         limits = gen.limits
+        multiple = 8
         if self.profile == "tiny":
             default = self.settings.sdxl.tiny.default_size
-            low = 64
+            low, multiple = 64, 32  # the tiny UNet downsamples 32x
         else:
             size = preset.generation_params.size if preset else None
             default = size or gen.default_size
@@ -208,8 +209,8 @@ class Planner:
         height = default[1] if height is None else height
         for name, value in (("width", width), ("height", height)):
             _finite(name, value, low, limits.max_size)
-            if int(value) != value or int(value) % 8:
-                raise UserInputError(f"{name} must be a multiple of 8 in [{low}, {limits.max_size}], got {value}")
+            if int(value) != value or int(value) % multiple:
+                raise UserInputError(f"{name} must be a multiple of {multiple} in [{low}, {limits.max_size}], got {value}")
         if width * height > limits.max_pixels:
             raise UserInputError(f"{width}x{height} exceeds the pixel limit {limits.max_pixels}; use a smaller size")
         return int(width), int(height)

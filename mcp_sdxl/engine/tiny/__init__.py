@@ -8,7 +8,17 @@ Typical use (idempotent, safe across processes):
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_dir, local_files_only=True)
 """
 
-from .assets import DEMO_CONTROLNETS, DEMO_LORAS, TINY_DIR_NAME, ensure_single_file, ensure_tiny_assets, path_seed
+from .assets import (
+    DEMO_CONTROLNETS,
+    DEMO_LORAS,
+    TINY_DIR_NAME,
+    ensure_single_file,
+    ensure_tiny_assets,
+    ensure_tiny_controlnet,
+    ensure_tiny_model,
+    path_seed,
+    tiny_model_dir,
+)
 from .controlnet import build_tiny_controlnet, make_tiny_controlnet
 from .lora import build_tiny_lora
 from .pipeline import FORMAT_VERSION, SDXL_BASE_CONFIG_DIR, SIZE_MULTIPLE, build_tiny_sdxl, make_tiny_pipeline
@@ -26,9 +36,12 @@ __all__ = [
     "build_tiny_sdxl",
     "ensure_single_file",
     "ensure_tiny_assets",
+    "ensure_tiny_controlnet",
+    "ensure_tiny_model",
     "ldm_state_dict",
     "make_tiny_controlnet",
     "make_tiny_pipeline",
     "path_seed",
     "save_single_file",
+    "tiny_model_dir",
 ]

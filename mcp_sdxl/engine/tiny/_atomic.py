@@ -14,8 +14,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from filelock import FileLock
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
 
 MARKER = ".mcp-sdxl-tiny.json"  # inside built folders
 STAMP_KEY = "mcp_sdxl_tiny"  # in built .safetensors metadata
@@ -24,6 +26,23 @@ STAMP_KEY = "mcp_sdxl_tiny"  # in built .safetensors metadata
 def stamp(**params) -> str:
     """Canonical text for build parameters (sorted keys: the same params always give the same stamp)."""
     return json.dumps(params, sort_keys=True, separators=(",", ":"))
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path | str, metadata: dict[str, str]) -> None:
+    """safetensors.save_file with a byte-stable header.
+
+    safetensors serialises `__metadata__` from a hash map, so its key order (and the file bytes) changes
+    from run to run; re-emitting the header with sorted metadata makes equal inputs give equal files.
+    """
+    raw = safetensors_bytes(tensors, metadata=metadata)
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()  # dict order = original tensor order
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes
+    with open(path, "wb") as handle:
+        handle.write(len(text).to_bytes(8, "little") + text)
+        handle.write(memoryview(raw)[8 + size :])
 
 
 def dir_stamp(folder: Path) -> str | None:
@@ -37,7 +56,7 @@ def file_stamp(path: Path) -> str | None:
     try:
         with safe_open(str(path), framework="pt") as handle:
             return (handle.metadata() or {}).get(STAMP_KEY)
-    except Exception:  # missing, truncated or foreign file: treat as not built
+    except (OSError, SafetensorError):  # missing, truncated or foreign file: treat as not built
         return None
 
 
@@ -59,6 +78,7 @@ def build_dir_once(dest: Path, wanted: str, build: Callable[[Path], None]) -> Pa
         try:
             build(tmp)
             (tmp / MARKER).write_text(wanted)  # written last: a marker means a complete folder
+            tmp.chmod(0o755)  # mkdtemp makes it owner-only
             _swap_in_dir(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -91,6 +111,7 @@ def build_file_once(dest: Path, wanted: str, build: Callable[[Path], None]) -> P
             build(Path(name))
             if file_stamp(Path(name)) != wanted:
                 raise RuntimeError(f"builder for {dest} did not stamp its output")
+            os.chmod(name, 0o644)  # mkstemp makes it owner-only
             os.replace(name, dest)
         finally:
             Path(name).unlink(missing_ok=True)

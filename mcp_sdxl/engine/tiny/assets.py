@@ -47,7 +47,7 @@ def ensure_tiny_assets(
         asset is built under its own file lock and renamed into place complete.
     """
     root = Path(root)
-    base = build_tiny_sdxl(root / TINY_DIR_NAME, seed=seed)
+    base = ensure_tiny_model(root, seed=seed)
     for relative, options in (lora_files or {}).items():
         options = dict(options)
         build_tiny_lora(base, root / relative, seed=options.pop("seed", path_seed(relative)), **options)
@@ -58,8 +58,21 @@ def ensure_tiny_assets(
     return base
 
 
+def tiny_model_dir(root: Path | str) -> Path:
+    return Path(root) / TINY_DIR_NAME
+
+
+def ensure_tiny_model(root: Path | str, seed: int = 0) -> Path:
+    """`root/sdxl-tiny/`, built once."""
+    return build_tiny_sdxl(tiny_model_dir(root), seed=seed)
+
+
+def ensure_tiny_controlnet(root: Path | str, kind: str) -> Path:
+    """`root/controlnets/<kind>/` (openpose, depth, canny, ...), built once; same layout as DEMO_CONTROLNETS."""
+    return build_tiny_controlnet(ensure_tiny_model(root), Path(root) / "controlnets" / kind, seed=path_seed(kind))
+
+
 def ensure_single_file(base_dir: Path, dest_file: Path) -> Path:
     """Idempotent single-file checkpoint of a built tiny folder."""
     wanted = stamp(kind="single-file", format=FORMAT_VERSION, base=built_stamp(base_dir))
-    return build_file_once(dest_file, wanted,
-                           lambda tmp: save_single_file(base_dir, tmp, metadata={STAMP_KEY: wanted}))
+    return build_file_once(dest_file, wanted, lambda tmp: save_single_file(base_dir, tmp, metadata={STAMP_KEY: wanted}))

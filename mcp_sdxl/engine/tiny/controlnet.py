@@ -21,8 +21,13 @@ CONDITIONING_GAIN = 4.0
 
 
 def controlnet_stamp(base_dir: Path, seed: int) -> str:
-    return stamp(kind="controlnet", format=FORMAT_VERSION, base=built_stamp(base_dir), seed=seed,
-                 conditioning_channels=list(CONDITIONING_CHANNELS))
+    return stamp(
+        kind="controlnet",
+        format=FORMAT_VERSION,
+        base=built_stamp(base_dir),
+        seed=seed,
+        conditioning_channels=list(CONDITIONING_CHANNELS),
+    )
 
 
 def build_tiny_controlnet(base_dir: Path | str, dest_dir: Path | str, seed: int) -> Path:

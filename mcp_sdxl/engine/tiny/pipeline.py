@@ -3,7 +3,7 @@
 It runs the real diffusers code paths (two CLIP encoders, "text_time" micro-conditioning, 8x VAE, LoRA and
 ControlNet hooks, single-file loading) on CPU in ~0.1 s per 64x64 image, because no real weights can be
 downloaded here. Block topology matches SDXL base (3 UNet levels, 2 resnets per level, attention only in the
-two lower levels, 4 VAE levels), only the widths are shrunk.
+two deeper levels, 4 VAE levels), only the widths are shrunk.
 """
 
 from __future__ import annotations
@@ -21,45 +21,63 @@ FORMAT_VERSION = 1
 
 # Traps (diffusers SDXL detection): text_encoder_2 needs >= 10 layers, and the two encoders must differ in
 # width. Both use the real 49,408-token CLIP vocabulary so the real tokenizers drive them.
-TEXT_ENCODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    hidden_act="quick_gelu", projection_dim=32)
-TEXT_ENCODER_2 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=10, num_attention_heads=4,
-                      hidden_act="gelu", projection_dim=32)
+TEXT_ENCODER = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 32,
+}
+TEXT_ENCODER_2 = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 10,
+    "num_attention_heads": 4,
+    "hidden_act": "gelu",
+    "projection_dim": 32,
+}
 # Shared by both encoders, as in SDXL base (eos_token_id=2 keeps the legacy "argmax id" pooling SDXL uses).
-CLIP_COMMON = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1,
-                   layer_norm_eps=1e-5)
+CLIP_COMMON = {
+    "vocab_size": 49408,
+    "max_position_embeddings": 77,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+    "layer_norm_eps": 1e-5,
+}
 
 ADDITION_TIME_EMBED_DIM = 8
-UNET = dict(
-    sample_size=8,  # default output = 8 * 8 = 64 px
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64, 64),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(2, 4, 4),  # diffusers' name; SDXL uses it as the number of heads
-    transformer_layers_per_block=(1, 1, 2),
-    cross_attention_dim=TEXT_ENCODER["hidden_size"] + TEXT_ENCODER_2["hidden_size"],  # the two are concatenated
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_embed_type_num_heads=64,
-    addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
+UNET = {
+    "sample_size": 8,  # default output = 8 * 8 = 64 px
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64, 64),
+    "layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": (2, 4, 4),  # diffusers' name; SDXL uses it as the number of heads
+    "transformer_layers_per_block": (1, 1, 2),
+    "cross_attention_dim": TEXT_ENCODER["hidden_size"] + TEXT_ENCODER_2["hidden_size"],  # the two are concatenated
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": ADDITION_TIME_EMBED_DIM,
     # 6 micro-conditioning numbers (original size, crop, target size), each embedded, + pooled text (enc. 2)
-    projection_class_embeddings_input_dim=6 * ADDITION_TIME_EMBED_DIM + TEXT_ENCODER_2["projection_dim"],
-)
-VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=4,
-    block_out_channels=(32, 32, 64, 64),  # 4 levels -> 3 downsamples -> the 8x factor SDXL code assumes
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=1,
-    sample_size=64,
-    scaling_factor=0.13025,  # SDXL's
-    force_upcast=True,
-)
+    "projection_class_embeddings_input_dim": 6 * ADDITION_TIME_EMBED_DIM + TEXT_ENCODER_2["projection_dim"],
+}
+VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": (32, 32, 64, 64),  # 4 levels -> 3 downsamples -> the 8x factor SDXL code assumes
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 1,
+    "sample_size": 64,
+    "scaling_factor": 0.13025,  # SDXL's
+    "force_upcast": True,
+}
 # The tiny UNet downsamples twice and the VAE 8x: images must be multiples of 32 px (64, 96, 128, ...).
 SIZE_MULTIPLE = 32
 
@@ -70,8 +88,7 @@ def tiny_stamp(seed: int) -> str:
 
 def make_tiny_pipeline(seed: int = 0):
     """Build the tiny StableDiffusionXLPipeline in memory (deterministic for a given seed)."""
-    from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     # One seed per component, so changing one component's config never reshuffles the others.

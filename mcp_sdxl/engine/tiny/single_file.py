@@ -10,18 +10,32 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from ._atomic import save_safetensors
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "conditioner.embedders.0.transformer."  # OpenAI CLIP-L: HF names kept
 TEXT_ENCODER_2_PREFIX = "conditioner.embedders.1.model."  # OpenCLIP bigG: open_clip names
 
-_UNET_RESNET_PARTS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
-                      "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
-_UNET_TOP_LEVEL = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
-                   "add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2.",
-                   "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2."}
+_UNET_RESNET_PARTS = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_TOP_LEVEL = {
+    "time_embedding.linear_1.": "time_embed.0.",
+    "time_embedding.linear_2.": "time_embed.2.",
+    "add_embedding.linear_1.": "label_emb.0.0.",
+    "add_embedding.linear_2.": "label_emb.0.2.",
+    "conv_in.": "input_blocks.0.0.",
+    "conv_norm_out.": "out.0.",
+    "conv_out.": "out.2.",
+}
 
 
 def unet_prefix_map(config) -> dict[str, str]:
@@ -42,8 +56,13 @@ def unet_prefix_map(config) -> dict[str, str]:
             if has_attention:
                 prefixes[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{(n + 1) * i + j}.1."
         prefixes[f"up_blocks.{i}.upsamplers.0."] = f"output_blocks.{(n + 1) * i + n}.{2 if has_attention else 1}."
-    prefixes.update({"mid_block.resnets.0.": "middle_block.0.", "mid_block.attentions.0.": "middle_block.1.",
-                     "mid_block.resnets.1.": "middle_block.2."})
+    prefixes.update(
+        {
+            "mid_block.resnets.0.": "middle_block.0.",
+            "mid_block.attentions.0.": "middle_block.1.",
+            "mid_block.resnets.1.": "middle_block.2.",
+        }
+    )
     return prefixes
 
 
@@ -51,7 +70,7 @@ def to_sgm_unet_name(name: str, prefixes: dict[str, str]) -> str:
     """Rename one diffusers UNet parameter or module name (e.g. a LoRA target) to its SGM name."""
     for hf_prefix, sd_prefix in prefixes.items():
         if name.startswith(hf_prefix):
-            rest = name[len(hf_prefix):]
+            rest = name[len(hf_prefix) :]
             if ".resnets." in hf_prefix:
                 head, _, tail = rest.partition(".")
                 rest = _UNET_RESNET_PARTS.get(head, head) + ("." + tail if tail else "")
@@ -93,7 +112,7 @@ def convert_vae(state_dict: dict, config) -> dict:
         new = key
         for hf_prefix, sd_prefix in prefixes.items():
             if key.startswith(hf_prefix):
-                new = sd_prefix + key[len(hf_prefix):]
+                new = sd_prefix + key[len(hf_prefix) :]
                 break
         new = new.replace("conv_shortcut", "nin_shortcut")
         if ".mid.attn_1." in new:
@@ -114,17 +133,23 @@ def hf_clip_name(name: str) -> str:
 
 def convert_text_encoder(state_dict: dict) -> dict:
     # Non-persistent buffers (position_ids) are rebuilt by the loader; everything else keeps HF names.
-    return {TEXT_ENCODER_PREFIX + hf_clip_name(k): v for k, v in state_dict.items()
-            if not k.endswith("position_ids")}
+    return {TEXT_ENCODER_PREFIX + hf_clip_name(k): v for k, v in state_dict.items() if not k.endswith("position_ids")}
 
 
-_OPENCLIP_LEAVES = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-                    "text_model.embeddings.position_embedding.weight": "positional_embedding",
-                    "text_model.final_layer_norm.weight": "ln_final.weight",
-                    "text_model.final_layer_norm.bias": "ln_final.bias"}
-_OPENCLIP_LAYER_PARTS = [("text_model.encoder.layers.", "transformer.resblocks."), ("layer_norm1", "ln_1"),
-                         ("layer_norm2", "ln_2"), (".mlp.fc1.", ".mlp.c_fc."), (".mlp.fc2.", ".mlp.c_proj."),
-                         (".self_attn.", ".attn.")]
+_OPENCLIP_LEAVES = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+}
+_OPENCLIP_LAYER_PARTS = [
+    ("text_model.encoder.layers.", "transformer.resblocks."),
+    ("layer_norm1", "ln_1"),
+    ("layer_norm2", "ln_2"),
+    (".mlp.fc1.", ".mlp.c_fc."),
+    (".mlp.fc2.", ".mlp.c_proj."),
+    (".self_attn.", ".attn."),
+]
 
 
 def convert_text_encoder_2(state_dict: dict) -> dict:
@@ -161,25 +186,38 @@ def _read_components(source):
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
         root = Path(source)
-        return (load_file(root / "unet" / "diffusion_pytorch_model.safetensors"),
-                UNet2DConditionModel.load_config(root, subfolder="unet"),
-                load_file(root / "vae" / "diffusion_pytorch_model.safetensors"),
-                AutoencoderKL.load_config(root, subfolder="vae"),
-                load_file(root / "text_encoder" / "model.safetensors"),
-                load_file(root / "text_encoder_2" / "model.safetensors"))
-    return (source.unet.state_dict(), source.unet.config, source.vae.state_dict(), source.vae.config,
-            source.text_encoder.state_dict(), source.text_encoder_2.state_dict())
+        return (
+            load_file(root / "unet" / "diffusion_pytorch_model.safetensors"),
+            UNet2DConditionModel.load_config(root, subfolder="unet"),
+            load_file(root / "vae" / "diffusion_pytorch_model.safetensors"),
+            AutoencoderKL.load_config(root, subfolder="vae"),
+            load_file(root / "text_encoder" / "model.safetensors"),
+            load_file(root / "text_encoder_2" / "model.safetensors"),
+        )
+    return (
+        source.unet.state_dict(),
+        source.unet.config,
+        source.vae.state_dict(),
+        source.vae.config,
+        source.text_encoder.state_dict(),
+        source.text_encoder_2.state_dict(),
+    )
 
 
 def ldm_state_dict(source) -> dict[str, torch.Tensor]:
     """All weights of an SDXL pipeline (object or diffusers folder) under original checkpoint names."""
     unet, unet_config, vae, vae_config, te, te2 = _read_components(source)
-    return {**convert_unet(unet, unet_config), **convert_vae(vae, vae_config),
-            **convert_text_encoder(te), **convert_text_encoder_2(te2)}
+    return {
+        **convert_unet(unet, unet_config),
+        **convert_vae(vae, vae_config),
+        **convert_text_encoder(te),
+        **convert_text_encoder_2(te2),
+    }
 
 
-def save_single_file(source, dest_file: Path | str, dtype: torch.dtype | None = None,
-                     metadata: dict[str, str] | None = None) -> Path:
+def save_single_file(
+    source, dest_file: Path | str, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None
+) -> Path:
     """Write a Civitai/A1111-style SDXL .safetensors from a StableDiffusionXLPipeline or a diffusers folder.
 
     Load it offline with StableDiffusionXLPipeline.from_single_file(file, config=<diffusers folder with the
@@ -189,5 +227,5 @@ def save_single_file(source, dest_file: Path | str, dtype: torch.dtype | None = 
     tensors = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in ldm_state_dict(source).items()}
     dest = Path(dest_file)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(dest), metadata={"format": "pt", **(metadata or {})})
+    save_safetensors(tensors, dest, {"format": "pt", **(metadata or {})})
     return dest
