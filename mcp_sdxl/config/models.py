@@ -108,6 +108,13 @@ class Server(Strict):
     job_ttl_s: float = Field(24 * 3600, gt=0)
 
 
+class Performance(Strict):
+    # Speed levers applied when the pipeline is loaded on CUDA (see mcp_sdxl/engine/accel.py).
+    channels_last: bool = True
+    fuse_qkv: bool = True
+    compile: Literal["off", "regional", "full"] = "off"
+
+
 class SDXLConfig(Strict):
     profile: Literal["auto", "sdxl", "tiny"] = "auto"
     model: ModelSource = Field(default_factory=ModelSource)
@@ -116,6 +123,7 @@ class SDXLConfig(Strict):
     generation: Generation = Field(default_factory=Generation)
     safety: Safety = Field(default_factory=Safety)
     tiny: TinyProfile = Field(default_factory=TinyProfile)
+    performance: Performance = Field(default_factory=Performance)
     server: Server = Field(default_factory=Server)
 
 

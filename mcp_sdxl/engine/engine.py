@@ -194,9 +194,10 @@ class Engine:
         pipe.unet.set_attn_processor(AttnProcessor2_0())
         pipe.vae.set_attn_processor(AttnProcessor2_0())
         pipe.set_progress_bar_config(disable=True)
-        if self.device.type == "cuda" and cfg.hardware.vram_optimization:
-            pipe.unet.to(memory_format=torch.channels_last)
         pipe.scheduler = _make_scheduler(cfg.generation.scheduler, pipe.scheduler.config)
+        from mcp_sdxl.engine.accel import optimize_pipeline
+
+        optimize_pipeline(pipe, cfg.performance, self.device)
         return pipe
 
     # ------------------------------------------------------------------ generation
