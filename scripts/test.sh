@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up .venv/ (and the separate client runtimes) and run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if [ -f scripts/setup_clients.sh ]; then
+  bash scripts/setup_clients.sh || echo "warning: client runtimes could not be installed; their tests will say so" >&2
+fi
+# Headless Chromium renders the demo gallery in a test (Debian package; root on CI machines).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "warning: chromium not installed" >&2
+fi
+export HF_HUB_OFFLINE=1
+exec .venv/bin/python -m pytest -q "$@"
