@@ -137,6 +137,7 @@ def enroll(args) -> int:
 
         paths = [os.path.abspath(p) for p in args.images]
         try:
+            studio.planner.preset(args.character)  # unknown character: say which exist
             pictures = [_open_local(p) for p in paths]
             stored = studio.checker.enroll(args.character, pictures)
         except UserInputError as exc:
