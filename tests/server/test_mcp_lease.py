@@ -1,0 +1,93 @@
+"""The GPU lease seen through the tools: a generation puts a (fake, HTTP) vLLM to sleep first,
+release_gpu wakes it, the idle timer releases on its own, a dead LLM gives a clear error."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mcp import Client
+
+from mcp_sdxl.config import load_settings
+from mcp_sdxl.server import build_server
+from mcp_sdxl.studio import Studio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lease"))
+from lease_fakes import FakeVllm  # noqa: E402
+
+pytestmark = pytest.mark.anyio
+
+SMALL = {"width": 64, "height": 64, "steps": 2}
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+def vllm():
+    fake = FakeVllm()
+    yield fake
+    fake.close()
+
+
+def _studio(config_dir, home, url, **lease):
+    path = config_dir / "lease.yaml"
+    data = yaml.safe_load(path.read_text())
+    data.update(lease)
+    data["llm"] = {**(data.get("llm") or {}), "backend": "vllm", "url": url, "timeout_s": 3, "warmup": True}
+    data["acquire_timeout_s"] = 2
+    path.write_text(yaml.safe_dump(data))
+    return Studio(load_settings(config_dir, home=home, profile="tiny"))
+
+
+async def test_generation_sleeps_llm_and_release_wakes_it(config_dir, home, vllm):
+    studio = _studio(config_dir, home, vllm.url)
+    try:
+        async with Client(build_server(studio)) as client:
+            result = await client.call_tool("generate_character", {"character": "luca", "scene_description": "x", **SMALL})
+            assert not result.is_error, result.content[0].text
+            assert vllm.sleeping and "POST /sleep?level=1" in vllm.trace()
+            status = (await client.call_tool("gpu_status", {})).structured_content
+            assert status["lease"]["state"] == "held_by_us" and status["lease"]["llm_state"]["is_sleeping"] is True
+            released = (await client.call_tool("release_gpu", {"mode": "unload"})).structured_content
+            assert released["lease"]["llm_woken"] is True and released["engine_state"] == "unloaded"
+            assert not vllm.sleeping
+            trace = vllm.trace()
+            assert trace.index("POST /wake_up") > trace.index("POST /sleep?level=1")
+            assert "POST /v1/completions" in trace  # 1-token warm-up after the wake
+            again = (await client.call_tool("release_gpu", {})).structured_content
+            assert again["lease"]["released"] is False  # idempotent
+    finally:
+        studio.close()
+
+
+async def test_idle_timer_releases_the_gpu(config_dir, home, vllm):
+    studio = _studio(config_dir, home, vllm.url, idle_release_s=0.5)
+    try:
+        async with Client(build_server(studio)) as client:
+            await client.call_tool("generate_character", {"character": "alberto", "scene_description": "x", **SMALL})
+        deadline = time.time() + 10
+        while (vllm.sleeping or studio.lease.status().state != "free") and time.time() < deadline:
+            time.sleep(0.1)
+        assert not vllm.sleeping and studio.lease.status().state == "free"
+    finally:
+        studio.close()
+
+
+async def test_llm_down_is_a_clear_error_and_nothing_is_held(config_dir, home):
+    studio = _studio(config_dir, home, "http://127.0.0.1:9")  # nothing listens on port 9
+    try:
+        async with Client(build_server(studio)) as client:
+            result = await client.call_tool("generate_character", {"character": "luca", "scene_description": "x", **SMALL})
+            assert result.is_error
+            assert "vllm" in result.content[0].text.lower() and "127.0.0.1:9" in result.content[0].text
+            status = (await client.call_tool("gpu_status", {})).structured_content
+        assert status["lease"]["state"] == "free" and status["lease"]["llm_error"]
+        assert list((home / "outputs").glob("img_*")) == []
+    finally:
+        studio.close()
