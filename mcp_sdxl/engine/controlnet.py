@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from mcp_sdxl.engine.loading import WeightSource, load_controlnet, resolve_source
+from mcp_sdxl.engine.loading import WeightSource, load_controlnet, own_memory, resolve_source
 from mcp_sdxl.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -31,9 +31,10 @@ def controlnet_source(engine, kind: str) -> WeightSource | None:
     return resolve_source(entry.model, engine.settings.models_root, entry.cache_dir)
 
 
-def get_controlnet(engine, kind: str) -> torch.nn.Module:
-    if kind in engine.controlnets:
-        return engine.controlnets[kind]
+def _require_source(engine, kind: str) -> WeightSource:
+    """The source for `kind`, or a UserInputError saying why there is none. Loads nothing."""
+    if kind not in CONTROL_TYPES:
+        raise UserInputError(f"unknown control type {kind!r}; use one of {', '.join(CONTROL_TYPES)}")
     source = controlnet_source(engine, kind)
     if source is None:
         entry = engine.settings.controlnet.controlnets.get(kind)
@@ -42,11 +43,21 @@ def get_controlnet(engine, kind: str) -> torch.nn.Module:
             f"no ControlNet for {kind}: {where} (controlnet_config.yaml). "
             f"Use another control type or configure a local ControlNet model for {kind}."
         )
+    return source
+
+
+def get_controlnet(engine, kind: str) -> torch.nn.Module:
+    if kind in engine.controlnets:
+        return engine.controlnets[kind]
+    source = _require_source(engine, kind)
     entry = engine.settings.controlnet.controlnets.get(kind)
     model = load_controlnet(source, engine.dtype, entry.cache_dir if entry else None)
     model.to(engine.device)
-    if engine.device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    if engine.device.type == "cpu":
+        own_memory(model)
+    from mcp_sdxl.engine.accel import optimize_controlnet
+
+    optimize_controlnet(engine.pipe, model, engine.settings.sdxl.performance, engine.device)  # CUDA only
     engine.controlnets[kind] = model
     return model
 
@@ -56,7 +67,26 @@ def prepare(engine, request):
     from diffusers import StableDiffusionXLControlNetPipeline
     from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
-    nets = [get_controlnet(engine, c.kind) for c in request.controls]
+    if not 0.0 <= request.control_start < request.control_end <= 1.0:
+        raise UserInputError(
+            f"control_start ({request.control_start}) must be below control_end ({request.control_end}), both in [0, 1]"
+        )
+    # Check every requested type before loading any, and drop what this call loaded if a later one
+    # fails: a bad request never leaves a ControlNet behind in (V)RAM.
+    for c in request.controls:
+        if c.kind not in engine.controlnets:
+            _require_source(engine, c.kind)
+    loaded_here = []
+    try:
+        nets = []
+        for c in request.controls:
+            if c.kind not in engine.controlnets:
+                loaded_here.append(c.kind)
+            nets.append(get_controlnet(engine, c.kind))
+    except BaseException:
+        for kind in loaded_here:
+            engine.controlnets.pop(kind, None)
+        raise
     pipe = StableDiffusionXLControlNetPipeline.from_pipe(engine.pipe, controlnet=MultiControlNetModel(nets))
     pipe.set_progress_bar_config(disable=True)
     n = len(nets)

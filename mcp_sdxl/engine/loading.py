@@ -114,6 +114,21 @@ def load_controlnet(source: WeightSource, dtype: torch.dtype, cache_dir: str | N
         raise ConfigError(f"cannot load ControlNet from {source.describe()}: {type(exc).__name__}: {exc}") from exc
 
 
+def own_memory(module: torch.nn.Module) -> torch.nn.Module:
+    """Copy CPU weights out of the memory-mapped checkpoint into fresh (64-byte aligned) tensors.
+
+    safetensors maps the file, so a weight's address depends on its offset in the file, and CPU matmul
+    kernels take other code paths (other summation orders) for unaligned data: the same weights loaded
+    from a folder and from a single file gave images one 8-bit level apart. Fresh tensors make every
+    source give the same image. On CUDA, moving to the device copies anyway; this is for the CPU.
+    """
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.device.type == "cpu":
+                param.data = param.data.clone()
+    return module
+
+
 def _from_pretrained(cls, source: WeightSource, variant, cache_dir, **kwargs):
     common = dict(local_files_only=True, cache_dir=cache_dir, **kwargs)
     if variant:

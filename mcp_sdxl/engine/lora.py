@@ -48,6 +48,10 @@ class LoraManager:
     # ------------------------------------------------------------------ public
     def apply(self, specs: list[LoraSpec]) -> None:
         """Make exactly `specs` active, fused. No-op when they already are."""
+        for spec in specs:  # checked before anything changes: a NaN would fuse into every weight it touches
+            weight = spec.weight
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+                raise UserInputError(f"LoRA weight for {spec.key} must be a number in [0, 1], got {spec.weight!r}")
         specs = [s for s in specs if s.weight != 0.0]  # weight 0 is the same as no LoRA
         wanted = tuple(sorted((adapter_name(s.key), float(s.weight)) for s in specs))
         missing = [s for s in specs if adapter_name(s.key) not in self.loaded]

@@ -141,14 +141,17 @@ class Planner:
             raise UserInputError(f"unknown quality {quality!r}; use one of {', '.join(gen.quality_presets)}")
         q = gen.quality_presets[quality]
         params = preset.generation_params if preset else None
-        # A preset's own steps/cfg refine the 'standard' quality; draft/high stay what they say.
-        base_steps = params.steps if params and params.steps and quality == gen.default_quality else q.steps
+        # A preset's own steps/cfg refine the default ('standard') quality; draft/high stay what they say.
+        # (cfg used to come from the preset for every quality, so luca's 'high' ran at 7.5 instead of 8.0.)
+        refine = params if params is not None and quality == gen.default_quality else None
+        base_steps = refine.steps if refine is not None and refine.steps is not None else q.steps
         if steps is not None:
             base_steps = int(_finite("steps", steps, 1, limits.max_steps))
         elif self.profile == "tiny":
             base_steps = max(2, round(base_steps * self.settings.sdxl.tiny.steps_scale))
-        cfg = cfg_scale if cfg_scale is not None else (params.cfg_scale if params and params.cfg_scale else q.cfg_scale)
-        cfg = _finite("cfg_scale", cfg, 0.0, 30.0)
+        if cfg_scale is None:
+            cfg_scale = refine.cfg_scale if refine is not None and refine.cfg_scale is not None else q.cfg_scale
+        cfg = _finite("cfg_scale", cfg_scale, 0.0, 30.0)
         scheduler = (params.scheduler if params and params.scheduler else None) or gen.scheduler
 
         width, height = self._size(preset, width, height)
@@ -175,7 +178,10 @@ class Planner:
         chosen: list[LoraChoice] = []
         if preset is not None and preset.lora_name:
             entry = registry.characters[preset.lora_name]
-            weight = character_weight if character_weight is not None else (preset.lora_weight or entry.default_weight)
+            if character_weight is not None:
+                weight = character_weight
+            else:  # `is not None`: a preset weight of 0.0 means "off", not "registry default"
+                weight = preset.lora_weight if preset.lora_weight is not None else entry.default_weight
             chosen.append(LoraChoice("character", preset.lora_name, _finite("character_weight", weight, 0, 1), entry))
         elif character_weight is not None:
             _finite("character_weight", character_weight, 0, 1)
