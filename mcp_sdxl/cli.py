@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -59,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--vram-limit-gb", type=float, default=None)
     bench.add_argument("--quick", action="store_true", help="fewer scenarios (smoke test)")
+    bench.add_argument("--variants", help="engine lever variants, e.g. 'default:all,eager:base+loras3' (see mcp_sdxl/bench.py)")
+    bench.add_argument("--budget-s", type=float, default=None, help="stop starting new measurements after this many seconds")
+    bench.add_argument("--workdir", help="where random weights and LoRAs are built (default <home>/bench)")
+    bench.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process start-up measurements")
+    bench.add_argument("--reference", help="reference scenarios to run, e.g. 'base+loras3' (default: all the variants need)")
 
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -110,7 +116,9 @@ def serve(args) -> int:
 
     settings = _settings(args)
     studio = Studio(settings)
-    install_signal_handlers(studio.lease, on_shutdown=studio.engine.unload)
+    # SIGTERM/SIGHUP: cancel the jobs (each stops within a denoising step and keeps nothing), unload the
+    # engine and hand the GPU back, then the process dies of the signal. close() is safe to run twice.
+    install_signal_handlers(studio.lease, on_shutdown=studio.close)
     server = build_server(studio)
     log = logging.getLogger("mcp_sdxl")
     log.info("engine profile %s (%s), outputs in %s", studio.engine.profile, studio.engine.model_name, settings.output_dir)
@@ -124,7 +132,14 @@ def serve(args) -> int:
             server.run()
     finally:
         studio.close()
-    return 0
+    # The client is gone and everything is released and written. Interpreter teardown with torch and
+    # diffusers loaded takes seconds, and stdio clients (the SDK, Claude Desktop) send SIGTERM 2 s after
+    # closing stdin: end now, cleanly, instead of being killed halfway through that teardown.
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe has nothing left to flush
+            stream.flush()
+    os._exit(0)
 
 
 def enroll(args) -> int:

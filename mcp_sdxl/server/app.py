@@ -14,12 +14,12 @@ from typing import Annotated, Any, Literal
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.types import CallToolResult, ToolAnnotations
 from pydantic import Field
 
 from mcp_sdxl import __version__
-from mcp_sdxl.errors import BusyError, CancelledError, ConfigError, GpuLeaseError, UserInputError
+from mcp_sdxl.errors import BusyError, CancelledError, ConfigError, GpuLeaseError, NotFoundError, UserInputError
 from mcp_sdxl.server import shaping
 from mcp_sdxl.studio.results import GenerationResult, JobInfo
 
@@ -73,13 +73,30 @@ def _tool_errors(fn):
     return wrapper
 
 
+def _resource_errors(fn):
+    """A bad or unknown image id is the reader's mistake: say so (the SDK would only name the URI)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except NotFoundError as exc:
+            raise ResourceNotFoundError(str(exc)) from exc
+        except (UserInputError, OSError) as exc:
+            raise ResourceError(str(exc)) from exc
+
+    wrapper.__signature__ = inspect.signature(fn)
+    return wrapper
+
+
 def build_server(studio) -> MCPServer:
     """An MCPServer whose tools call `studio` (a mcp_sdxl.studio.Studio)."""
     server = MCPServer(name="mcp-sdxl", version=__version__, instructions=INSTRUCTIONS)
     limits = studio.settings.sdxl.server
 
     async def run_generation(plan, ctx: Context, run_as_job: bool) -> CallToolResult:
-        estimate = await anyio.to_thread.run_sync(studio.estimate_seconds, plan)
+        # No await between the call's arrival and submit(): calls queue in the order they came in.
+        estimate = studio.estimate_seconds(plan)  # arithmetic only
         job = studio.submit(plan)
         if run_as_job or estimate > limits.job_budget_s:
             info = studio.job_info(job)
@@ -96,14 +113,15 @@ def build_server(studio) -> MCPServer:
             ))
         return job_outcome(job)
 
-    def job_outcome(job) -> CallToolResult:
+    def job_outcome(job, data=None) -> CallToolResult:
+        """The finished job's images as a result; `data` (default: the GenerationResult) is its JSON."""
         if job.state == "done":
             result: GenerationResult = job.result
             result.job_id = job.id
             images = [i.model_dump() for i in result.images] + [
                 {**c.model_dump(), "description": "control map"} for c in result.control_images
             ]
-            return shaping.image_result(result, images, limits.preview_max_px, limits.max_result_bytes)
+            return shaping.image_result(data or result, images, limits.preview_max_px, limits.max_result_bytes)
         raise ToolError(job.error or f"job {job.id} {job.state}")
 
     # ------------------------------------------------------------------ tools
@@ -194,9 +212,9 @@ def build_server(studio) -> MCPServer:
             preprocess=preprocess,
         )
         if pose_preset is not None:
-            from_presets = await anyio.to_thread.run_sync(studio.list_characters)
-            if pose_preset not in from_presets["pose_presets"]:
-                raise UserInputError(f"unknown pose_preset {pose_preset!r}; use one of {', '.join(from_presets['pose_presets'])}")
+            presets = studio.pose_presets()  # a folder listing; no await, so the call keeps its place in the queue
+            if pose_preset not in presets:
+                raise UserInputError(f"unknown pose_preset {pose_preset[:80]!r}; use one of {', '.join(presets)}")
         plan = studio.planner.plan(
             kind="control", character=character, scene_description=prompt, background=background, style=style,
             quality=quality, seed=seed, width=width, height=height, steps=steps, cfg_scale=cfg_scale,
@@ -235,20 +253,20 @@ def build_server(studio) -> MCPServer:
     @_tool_errors
     async def get_job(job_id: Annotated[str, Field(description="job id returned by a generation tool")]) -> Annotated[CallToolResult, JobInfo]:
         """Progress and, when done, the result of a background generation job. Job ids are kept for
-        job_ttl_s (default 24 h) after they finish; their images stay in the store."""
+        job_ttl_s (default 24 h) after they finish, by the server process that ran them: a job outlives
+        the call (and, over HTTP, the client) that started it, but not a server restart (a stdio server
+        ends with its client). Images of finished jobs stay in the store (list_images)."""
         job = studio.jobs.get(job_id)
         info = studio.job_info(job)
-        if job.state == "done":
-            result = job_outcome(job)
-            result.structured_content = shaping.structured(info)
-            result.content[0].text = shaping.json_text(info)
-            return result
+        if info.state == "done":
+            return job_outcome(job, info)  # JobInfo JSON (with the result) + previews + links
         return shaping.data_result(info)
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=True, idempotentHint=True, openWorldHint=False))
     @_tool_errors
     async def cancel_job(job_id: Annotated[str, Field(description="job id to stop")]) -> dict[str, Any]:
-        """Stop a queued or running job within one denoising step. Nothing from it is kept."""
+        """Stop a queued or running job within one denoising step. Nothing from it is kept (a batch is
+        all-or-nothing). Returns the job's final state."""
         job = studio.jobs.get(job_id)
         job.cancel()
         await anyio.to_thread.run_sync(lambda: job.finished.wait(30))
@@ -268,8 +286,8 @@ def build_server(studio) -> MCPServer:
     @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=True))
     @_tool_errors
     async def gpu_status() -> dict[str, Any]:
-        """Who holds the GPU lease, VRAM used/free, engine state (loaded LoRAs/ControlNets) and the LLM
-        backend state."""
+        """Who holds the GPU lease, VRAM used/free, engine state (loaded LoRAs/ControlNets), the LLM
+        backend state, and the queue (limit, calls waiting, the job running now with its progress)."""
         return await anyio.to_thread.run_sync(studio.gpu_status)
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
@@ -287,10 +305,12 @@ def build_server(studio) -> MCPServer:
 
     # ------------------------------------------------------------------ resources
     @server.resource("sdxl://images/{image_id}", mime_type="image/png", description="a generated image (PNG)")
+    @_resource_errors
     def image_resource(image_id: str) -> bytes:
         return studio.store.get(image_id).path.read_bytes()
 
     @server.resource("sdxl://images/{image_id}/metadata", mime_type="application/json", description="generation parameters of an image")
+    @_resource_errors
     def image_metadata(image_id: str) -> str:
         return json.dumps(studio.store.get(image_id).metadata, indent=1, default=str)
 
@@ -361,6 +381,8 @@ def _split_front_matter(text: str) -> tuple[dict, str]:
 
 def _flatten_schemas(server: MCPServer) -> None:
     for tool in server._tool_manager.list_tools():
+        # Clients paste descriptions into the LLM's prompt verbatim: no source indentation.
+        tool.description = inspect.cleandoc(tool.description or "")
         tool.parameters = shaping.inline_refs(tool.parameters)
         if tool.output_schema is not None:
             tool.__dict__["output_schema"] = shaping.inline_refs(tool.output_schema)

@@ -59,7 +59,18 @@ def image_result(data: BaseModel, images: list[dict], max_px: int, max_bytes: in
             type="resource_link", uri=info["uri"], name=info["id"], mime_type="image/png",
             description=info.get("description"),
         ))
-    return CallToolResult(content=content, structured_content=structured(data))
+    result = CallToolResult(content=content, structured_content=structured(data))
+    # The estimate above ignores JSON escaping and framing: measure, and drop the smallest previews
+    # (the last ones) until the serialized result fits. Text and links always stay.
+    while wire_bytes(result) > max_bytes and any(c.type == "image" for c in result.content):
+        last = max(i for i, c in enumerate(result.content) if c.type == "image")
+        del result.content[last]
+    return result
+
+
+def wire_bytes(result: CallToolResult) -> int:
+    """Bytes of `result` as it goes on the wire inside a JSON-RPC response (plus ~100 for the envelope)."""
+    return len(result.model_dump_json(by_alias=True, exclude_none=True).encode()) + 100
 
 
 def data_result(data: BaseModel | dict) -> CallToolResult:

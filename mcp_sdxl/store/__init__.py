@@ -4,6 +4,12 @@ Each image is `<output_dir>/<id>.png` with its parameters embedded (an A1111-sty
 chunk that other SD tools read, plus the full JSON under `mcp_sdxl`) and a `<id>.json` sidecar.
 Writes go to a temp file in the same folder and are renamed into place, sidecar first, PNG last:
 an id exists exactly when its PNG exists, so nothing half-written is ever visible.
+
+The images of one generation call are all-or-nothing: before each of them lands, its id is appended
+to a journal (`.batch-<pid>-<token>.pending`); the call commits (journal removed) when it succeeded
+and discards (images and journal removed) when it failed or was cancelled. A process killed in between
+leaves the journal, and the next store opened on the folder removes what it lists. Temp files and
+journals carry the writer's pid, so a second live process on the same folder is never swept.
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from mcp_sdxl.errors import NotFoundError, UserInputError
+from mcp_sdxl.errors import ConfigError, NotFoundError, UserInputError
 
-ID_RE = re.compile(r"^img_\d{8}-\d{6}_[0-9a-f]{8}$")
+ID_RE = re.compile(r"img_\d{8}-\d{6}_[0-9a-f]{8}")  # always fullmatch: `$` would accept a trailing newline
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 MAX_INPUT_PIXELS = 64_000_000  # refuse decompression bombs in input images
+MAX_REF_CHARS = 1024  # longer "paths" are not paths (file names are capped at 255 bytes anyway)
 
 
 @dataclass(frozen=True)
@@ -44,14 +51,34 @@ class ImageStore:
         self.output_dir = Path(output_dir)
         self.input_dirs = [Path(p) for p in input_dirs or []]
         self._lock = threading.Lock()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        for folder in self.input_dirs:
-            folder.mkdir(parents=True, exist_ok=True)
+        for folder, key in [(self.output_dir, "output_dir"), *((f, "input_dirs") for f in self.input_dirs)]:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(
+                    f"sdxl_config.yaml: server.{key}: cannot use {folder} as a folder ({exc.strerror or exc}); "
+                    "point it at a writable folder"
+                ) from exc
         self._sweep_leftovers()
 
+    # ------------------------------------------------------------------ batches (all-or-nothing)
+    def begin_batch(self) -> Batch:
+        """A journal for the images of one call; pass it to save(), then commit() or discard()."""
+        return Batch(self.output_dir / f".batch-{os.getpid()}-{secrets.token_hex(4)}.pending")
+
+    def commit(self, batch: Batch) -> None:
+        batch.path.unlink(missing_ok=True)
+
+    def discard(self, batch: Batch) -> None:
+        """Remove every image the batch saved, then its journal. Never raises: it runs while an error
+        is on its way to the caller (a journal that cannot be removed is swept at the next start)."""
+        for image_id in batch.ids:
+            _remove(self.output_dir / f"{image_id}.png", self.output_dir / f"{image_id}.json")
+        _remove(batch.path)
+
     # ------------------------------------------------------------------ writing
-    def save(self, image: Image.Image, metadata: dict[str, Any]) -> StoredImage:
-        """Write `image` + `metadata` atomically and return its new id."""
+    def save(self, image: Image.Image, metadata: dict[str, Any], batch: Batch | None = None) -> StoredImage:
+        """Write `image` + `metadata` atomically and return its new id (journaled in `batch` first)."""
         image_id = f"img_{time.strftime('%Y%m%d-%H%M%S')}_{secrets.token_hex(4)}"
         metadata = {"id": image_id, "created_at": time.time(), **metadata}
         text = json.dumps(metadata, indent=2, default=str)
@@ -65,10 +92,12 @@ class ImageStore:
         png_path = self.output_dir / f"{image_id}.png"
         json_path = self.output_dir / f"{image_id}.json"
         try:
+            if batch is not None:
+                batch.add(image_id)
             _atomic_write(json_path, text.encode())
             _atomic_write(png_path, buffer.getvalue())
         except OSError as exc:
-            json_path.unlink(missing_ok=True)
+            _remove(json_path, png_path)  # the folder may be gone: cleaning up must not hide the cause
             raise UserInputError(
                 f"cannot write to the output folder {self.output_dir}: {exc.strerror or exc}. "
                 "Free some disk space or point server.output_dir in sdxl_config.yaml at a writable folder."
@@ -90,12 +119,12 @@ class ImageStore:
         try:
             metadata = json.loads(json_path.read_text())
         except (OSError, ValueError):
-            metadata = {"id": image_id}
+            metadata = _embedded_metadata(png_path) or {"id": image_id}
         return StoredImage(image_id, png_path, metadata)
 
     def list_ids(self, limit: int = 100) -> list[str]:
         files = sorted(self.output_dir.glob("img_*.png"), key=lambda p: p.stat().st_mtime, reverse=True)
-        return [p.stem for p in files[:limit] if ID_RE.match(p.stem)]
+        return [p.stem for p in files[:limit] if ID_RE.fullmatch(p.stem)]
 
     def open_image(self, ref: str) -> tuple[Image.Image, str]:
         """Open an input image given as a store id or a path under the input folders.
@@ -118,18 +147,26 @@ class ImageStore:
         if not isinstance(ref, str) or not ref.strip():
             raise UserInputError("image reference must be a non-empty string: a store id or a path")
         ref = ref.strip()
+        if len(ref) > MAX_REF_CHARS or "\x00" in ref:
+            raise UserInputError(
+                f"{ref[:80]!r}...: not an image id or a usable path (too long or contains a NUL character)"
+            )
         if ref.startswith("sdxl://images/"):
             ref = ref.removeprefix("sdxl://images/")
-        if ID_RE.match(ref):
+        if ID_RE.fullmatch(ref):
             return self.get(ref).path
         roots = [self.output_dir, *self.input_dirs]
         candidate = Path(os.path.expanduser(ref))
         candidates = [candidate] if candidate.is_absolute() else [root / candidate for root in roots]
         for path in candidates:
-            real = path.resolve()  # follows symlinks, so a link pointing outside is caught below
-            if not any(real.is_relative_to(root.resolve()) for root in roots):
+            try:
+                real = path.resolve()  # follows symlinks, so a link pointing outside is caught below
+                if not any(real.is_relative_to(root.resolve()) for root in roots):
+                    continue
+                is_file = real.is_file()
+            except (OSError, RuntimeError, ValueError):  # name too long, symlink loop, odd bytes
                 continue
-            if real.is_file():
+            if is_file:
                 if real.suffix.lower() not in IMAGE_SUFFIXES:
                     raise UserInputError(f"{ref}: not an image file (use one of {sorted(IMAGE_SUFFIXES)})")
                 return real
@@ -141,20 +178,82 @@ class ImageStore:
 
     # ------------------------------------------------------------------ helpers
     def _check_id(self, image_id: str) -> None:
-        if not isinstance(image_id, str) or not ID_RE.match(image_id):
+        if not isinstance(image_id, str) or not ID_RE.fullmatch(image_id):
             raise UserInputError(f"{image_id!r} is not an image id (ids look like img_20261125-101500_1a2b3c4d)")
 
     def _sweep_leftovers(self) -> None:
-        """Remove temp files from writes a crash interrupted, and sidecars whose PNG never landed."""
+        """Remove what a killed writer left: temp files, the images of calls that never finished
+        (journals), and sidecars whose PNG never landed. Live writers (other pids) are left alone."""
         for tmp in self.output_dir.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+            if not _writer_alive(tmp.name):
+                tmp.unlink(missing_ok=True)
+        for journal in self.output_dir.glob(".batch-*.pending"):
+            if _writer_alive(journal.name):
+                continue
+            try:
+                ids = journal.read_text().split()
+            except OSError:
+                ids = []
+            for image_id in ids:
+                if ID_RE.fullmatch(image_id):
+                    self.delete(image_id)
+            journal.unlink(missing_ok=True)
         for sidecar in self.output_dir.glob("img_*.json"):
             if not sidecar.with_suffix(".png").exists():
                 sidecar.unlink(missing_ok=True)
 
 
+class Batch:
+    """The ids one call saved so far, mirrored in a journal file (see the module docstring)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.ids: list[str] = []
+
+    def add(self, image_id: str) -> None:
+        self.ids.append(image_id)
+        with open(self.path, "a", encoding="ascii") as handle:
+            handle.write(image_id + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the process that owns a temp file or journal (pid in its name) still runs."""
+    match = re.search(r"[.-](\d+)-[0-9a-f]+\.(?:tmp|pending)$", name)
+    if not match:
+        return False  # old-style name without a pid: a leftover
+    pid = int(match.group(1))
+    if pid == os.getpid():
+        return False  # a new store in this process has written nothing yet: a previous life's pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _embedded_metadata(png_path: Path) -> dict[str, Any] | None:
+    """The JSON embedded in the PNG (when its sidecar is missing or unreadable)."""
+    try:
+        with Image.open(png_path) as img:
+            return json.loads(img.text.get("mcp_sdxl", "null"))
+    except Exception:  # noqa: BLE001 - a damaged file simply has no metadata
+        return None
+
+
+def _remove(*paths: Path) -> None:
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:  # e.g. the folder was replaced by a file
+            pass
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(3)}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(3)}.tmp")
     try:
         with open(tmp, "wb") as handle:
             handle.write(data)
@@ -162,7 +261,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
 
 
 def a1111_parameters(meta: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ running when its caller disconnects; cancel() stops it at the next denoising ste
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import secrets
@@ -15,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from mcp_sdxl.errors import BusyError, CancelledError, NotFoundError, UserInputError
+from mcp_sdxl.errors import BusyError, CancelledError, ConfigError, GpuLeaseError, NotFoundError, UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,11 @@ class Job:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
     partial: list[Any] = field(default_factory=list)  # finished pieces (e.g. images of a batch)
+    seq: int = 0  # arrival order
 
     def report(self, done: int, message: str) -> None:
-        """Called by the worker; progress only ever increases."""
+        """Called by the worker; progress only ever increases and never passes total_steps."""
+        done = min(done, self.total_steps)
         if not self.events or done > self.events[-1].done:
             self.events.append(Progress(done, self.total_steps, message))
 
@@ -78,7 +81,7 @@ class JobQueue:
         self._jobs: dict[str, Job] = {}
         self._queue: "queue.Queue[Job | None]" = queue.Queue()
         self._lock = threading.Lock()
-        self._waiting = 0
+        self._seq = itertools.count(1)
         self._running: Job | None = None
         self._worker = threading.Thread(target=self._work, name="mcp-sdxl-engine", daemon=True)
         self._worker.start()
@@ -86,16 +89,21 @@ class JobQueue:
     def submit(self, kind: str, total_steps: int, run: Callable[[Job], Any]) -> Job:
         with self._lock:
             self._expire()
-            ahead = self._waiting + (1 if self._running else 0)
-            if self._waiting >= self.limit:
+            waiting = self._waiting_jobs()
+            if len(waiting) >= self.limit:
+                ahead = len(waiting) + (1 if self._running else 0)
                 raise BusyError(
                     f"busy: {ahead} calls ahead of this one (queue limit {self.limit}); retry in a little while"
                 )
-            job = Job(id=f"job_{secrets.token_hex(6)}", kind=kind, total_steps=max(1, total_steps), run=run)
+            job = Job(id=f"job_{secrets.token_hex(6)}", kind=kind, total_steps=max(1, total_steps), run=run,
+                      seq=next(self._seq))
             self._jobs[job.id] = job
-            self._waiting += 1
-        self._queue.put(job)
+            self._queue.put(job)  # under the lock: queue order is submission order
         return job
+
+    def _waiting_jobs(self) -> list[Job]:
+        """Queued jobs that will still run (a cancelled one is skipped when its turn comes)."""
+        return [j for j in self._jobs.values() if j.state == "queued" and not j.cancel_event.is_set()]
 
     def get(self, job_id: str) -> Job:
         with self._lock:
@@ -103,14 +111,26 @@ class JobQueue:
             job = self._jobs.get(job_id) if isinstance(job_id, str) else None
         if job is None:
             raise NotFoundError(
-                f"no job {job_id!r}: job ids are kept for {self.ttl_s / 3600:g} h after they finish; "
-                "images from finished jobs stay in the store (see list_images)"
+                f"no job {str(job_id)[:80]!r}: unknown or expired. Job ids are kept for {_duration(self.ttl_s)} after "
+                "they finish, by the server process that ran them (a restart forgets them); images from finished "
+                "jobs stay in the store (see list_images)"
             )
         return job
 
     def ahead_of(self, job: Job) -> int:
         with self._lock:
-            return sum(1 for j in self._jobs.values() if j.state in ("queued", "running") and j.created_at < job.created_at)
+            return sum(1 for j in self._jobs.values()
+                       if j.seq < job.seq and (j.state == "running" or (j.state == "queued" and not j.cancel_event.is_set())))
+
+    def snapshot(self) -> dict[str, Any]:
+        """For status tools: limit, how many wait, what runs now."""
+        with self._lock:
+            running = self._running
+            return {
+                "limit": self.limit,
+                "waiting": len(self._waiting_jobs()),
+                "running": running.summary() if running is not None else None,
+            }
 
     def stop(self) -> None:
         for job in list(self._jobs.values()):
@@ -126,37 +146,51 @@ class JobQueue:
             if job is None:
                 return
             with self._lock:
-                self._waiting -= 1
                 self._running = job
-            self._run_one(job)
-            with self._lock:
-                self._running = None
+            try:
+                self._run_one(job)
+            finally:
+                with self._lock:
+                    self._running = None
+
+    def _run_one(self, job: Job) -> None:
+        state, result, error = "cancelled", None, "cancelled before it started"
+        try:
+            if not job.cancel_event.is_set():
+                job.state, job.started_at = "running", time.time()
+                try:
+                    state, result, error = "done", job.run(job), None
+                except CancelledError as exc:
+                    state, error = "cancelled", str(exc)
+                except (UserInputError, BusyError, ConfigError, GpuLeaseError) as exc:  # written for the caller
+                    state, error = "failed", str(exc)
+                except BaseException as exc:  # reported to the caller; the worker keeps serving whatever happened
+                    log.exception("job %s failed", job.id)
+                    state, error = "failed", f"{type(exc).__name__}: {exc}"
+            # Nothing else waiting: the idle hook runs *before* the caller learns the outcome, so a GPU
+            # handed back after each job (idle_release_s: 0) is back, and the LLM awake, when the
+            # result arrives and the agent's next LLM request goes out.
             if self._queue.empty() and self.on_idle is not None:
                 try:
                     self.on_idle()
                 except Exception:
                     log.exception("idle hook failed")
-
-    def _run_one(self, job: Job) -> None:
-        if job.cancel_event.is_set():
-            job.state, job.error = "cancelled", "cancelled before it started"
-        else:
-            job.state, job.started_at = "running", time.time()
-            try:
-                job.result = job.run(job)
-                job.state = "done"
-            except CancelledError as exc:
-                job.state, job.error = "cancelled", str(exc)
-            except (UserInputError, BusyError) as exc:
-                job.state, job.error = "failed", str(exc)
-            except Exception as exc:  # reported to the caller; the worker keeps serving
-                log.exception("job %s failed", job.id)
-                job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
-        job.finished_at = time.time()
-        job.finished.set()
+        finally:
+            job.result, job.error = result, error
+            job.state = state
+            job.finished_at = time.time()
+            job.finished.set()
 
     def _expire(self) -> None:
         now = time.time()
         for job_id, job in list(self._jobs.items()):
             if job.finished_at and now - job.finished_at > self.ttl_s:
                 del self._jobs[job_id]
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:g} s"
+    if seconds < 7200:
+        return f"{seconds / 60:g} min"
+    return f"{seconds / 3600:g} h"

@@ -93,6 +93,11 @@ class Studio:
             "input_dirs": [str(p) for p in self.store.input_dirs],
         }
 
+    def pose_presets(self) -> list[str]:
+        from mcp_sdxl.engine.preprocess import list_pose_presets
+
+        return list_pose_presets(self.settings.poses_dir)
+
     def _reference_paths(self, name: str, preset) -> list[Path]:
         try:
             backend = self.checker.backend_name
@@ -115,7 +120,7 @@ class Studio:
         from mcp_sdxl.engine import ControlInput, GenerationRequest, LoraSpec
 
         started = time.perf_counter()
-        saved: list[StoredImage] = []
+        batch = self.store.begin_batch()  # all-or-nothing, also when this process is killed midway
         try:
             lease_s = self.acquire_gpu(purpose=f"{plan.kind} ({job.id})")
             loras = [
@@ -127,8 +132,7 @@ class Studio:
                 stored = self.store.save(control_map, {
                     "type": "control_map", "control_type": choice.kind, "source": source,
                     "preprocessed": choice.preprocess, "job_id": job.id,
-                })
-                saved.append(stored)
+                }, batch=batch)
                 control_images.append(self._info(stored))
                 controls.append(ControlInput(choice.kind, control_map, choice.strength))
                 control_used.append(ControlUsed(
@@ -150,7 +154,11 @@ class Studio:
                 offset = i * plan.steps
 
                 def on_step(done: int, total: int, i=i, offset=offset) -> None:
+                    done = min(done, total)  # some schedulers call back more often than `steps`
                     job.report(offset + done, f"image {i + 1}/{len(plan.seeds)}, step {done}/{total}")
+                    if job.cancel_event.is_set():
+                        # Leave the pipeline now: no further step and no VAE decode of a discarded image.
+                        raise CancelledError(f"cancelled at image {i + 1}/{len(plan.seeds)}, step {done}/{total}")
 
                 output = self.engine.generate(request, on_step=on_step, cancel=job.cancel_event)
                 for key, value in output.timings.items():
@@ -166,8 +174,9 @@ class Studio:
                     "control_start": plan.control_start, "control_end": plan.control_end,
                     "timings": output.timings, "job_id": job.id,
                 }
-                stored = self.store.save(output.image, metadata)
-                saved.append(stored)
+                if job.cancel_event.is_set():
+                    raise CancelledError(f"cancelled after image {i + 1}/{len(plan.seeds)}")
+                stored = self.store.save(output.image, metadata, batch=batch)
                 images.append(stored)
                 job.partial.append(stored.id)
 
@@ -176,6 +185,9 @@ class Studio:
             if plan.character and plan.filter_consistency:
                 infos, summary = self._rank_by_face(plan, images, infos)
             timings["total_s"] = round(time.perf_counter() - started, 4)
+            if job.cancel_event.is_set():
+                raise CancelledError("cancelled while scoring; nothing was kept")
+            self.store.commit(batch)
             return GenerationResult(
                 images=infos, control_images=control_images, character=plan.character, prompt=plan.prompt,
                 negative_prompt=plan.negative_prompt, loras=lora_used, controls=control_used,
@@ -186,8 +198,7 @@ class Studio:
             )
         except BaseException:
             # A failed or cancelled call leaves nothing behind in the store.
-            for stored in saved:
-                self.store.delete(stored.id)
+            self.store.discard(batch)
             raise
 
     def _control_map(self, choice, width: int, height: int):
@@ -323,12 +334,16 @@ class Studio:
         return {
             "lease": status.model_dump(mode="json"),
             "engine": self.engine.status(),
-            "queue": {"limit": self.jobs.limit},
+            "queue": self.jobs.snapshot(),
         }
 
     def _arm_idle_release(self) -> None:
+        """Called by the job worker when the queue runs empty, before the job's caller gets its result."""
         idle = self.settings.lease.idle_release_s
         if not self.lease.held:
+            return
+        if idle <= 0:  # "after each job": hand back now, so the result arrives with the LLM awake
+            self._idle_release()
             return
         with self._gpu_lock:
             self._cancel_idle_release()
