@@ -109,10 +109,26 @@ class Server(Strict):
 
 
 class Performance(Strict):
-    # Speed levers applied when the pipeline is loaded on CUDA (see mcp_sdxl/engine/accel.py).
+    # Speed levers applied when the pipeline is loaded on CUDA (see mcp_sdxl/engine/accel.py and
+    # docs/bench/ for what each one gained on an H100). The CPU ignores them all.
     channels_last: bool = True
-    fuse_qkv: bool = True
-    compile: Literal["off", "regional", "full"] = "off"
+    # Fused QKV projections: no gain measured under CUDA graphs on an H100, +0.6 GiB (diffusers keeps the
+    # unfused layers, which LoRAs target).
+    fuse_qkv: bool = False
+    # Capture the UNet's / ControlNets' forward as CUDA graphs and replay them (same kernels, same image).
+    cuda_graphs: bool = True
+    # torch.compile: off | regional (the transformer blocks: ~5-10 s on the first image of each size) |
+    # full (minutes on the first image). A compile error falls back to eager for that block.
+    compile: Literal["off", "regional", "full"] = "regional"
+    # Inductor / Triton caches for compile; relative paths are relative to the data home.
+    compile_cache_dir: str = "cache/torch"
+    # VAE decode precision: auto follows the VAE's config (SDXL's: float32, it overflows in float16);
+    # bfloat16 keeps float32's range at half the cost; float16 only for the fp16-fix VAE.
+    vae_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "bfloat16"
+    # Swap peft's LoRA wrapper layers out of the model while the fused LoRAs are active.
+    strip_lora_wrappers: bool = True
+    # cuDNN autotuning of convolutions on first use of each shape.
+    cudnn_benchmark: bool = False
 
 
 class SDXLConfig(Strict):

@@ -1,17 +1,545 @@
-"""Speed levers for CUDA: memory layout, fused attention projections, torch.compile."""
+"""Speed levers for CUDA, applied when the engine loads its pipeline (measured: docs/bench/, issue 8).
+
+- channels_last: NHWC layout for the UNet's and ControlNets' convolutions (cuDNN's fast path on tensor cores).
+- fuse_qkv: one matrix product for each self-attention's Q, K and V (K and V for cross-attention). LoRAs
+  target the separate to_q / to_k / to_v layers, so after every LoRA change the fused weights are refreshed
+  from them (`lora_update`): fused QKV never hides a LoRA.
+- cuda_graphs: the UNet's (and each ControlNet's) forward is captured once per input signature and replayed;
+  eager SDXL is bound by the CPU launching ~2,000 small kernels per step, a replay launches none. Weights
+  that move (offload, reload) or change shape invalidate the graphs; LoRAs fused in place do not. Images are
+  the same kernels' output, bit for bit.
+- compile: "regional" compiles the repeated transformer blocks (a short first-call compile), "full" the whole
+  UNet forward (several minutes on the first call unless the on-disk caches are warm). The inductor and
+  Triton caches live under the data home (`compile_cache_dir`), so later starts reuse the compiled code.
+- vae_dtype: the SDXL VAE's config asks for a float32 decode (it overflows in float16); "bfloat16" decodes in
+  bf16 (float32's range), "float16" suits the fp16-fix VAE only.
+- strip_lora_wrappers: after the active LoRAs are fused, peft's wrapper layers compute nothing but their base
+  layer; they are swapped out of the model while it runs (no per-call Python overhead, no recompiles or
+  graph invalidations) and put back for the next LoRA change.
+
+The engine calls: `optimize_pipeline` after loading, `optimize_controlnet` for each ControlNet it loads,
+`guard_lora_manager` once (every LoRA change then runs inside `lora_update`), and `release` before it moves
+weights off the GPU. On the CPU (tiny engine, tests) nothing changes: no lever is applied and `lora_update`
+only re-attaches what it never stripped.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import os
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 log = logging.getLogger(__name__)
 
+STATE_ATTR = "_mcp_accel"
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
-def optimize_pipeline(pipe, performance, device: torch.device) -> None:
-    """Apply the configured levers. On the CPU (tiny engine, tests) nothing changes."""
-    if device.type != "cuda":
+
+@dataclass
+class AccelState:
+    """What the levers installed on one pipeline (kept on the pipeline as `_mcp_accel`)."""
+
+    performance: Any = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    runners: list = field(default_factory=list)  # GraphRunner, UNet first
+    stripped: list = field(default_factory=list)  # (parent module, child name, peft wrapper)
+    pool: list = field(default_factory=lambda: [None])  # one CUDA graph memory pool shared by all runners
+    version: int = 0  # bumped by every lora_update (runners re-check what they captured)
+    fused_qkv: bool = False
+    strip_lora: bool = False  # set on CUDA when performance.strip_lora_wrappers
+    applied: dict = field(default_factory=dict)  # lever -> what was done (for status / the benchmark)
+
+
+def state_of(pipe) -> AccelState:
+    state = getattr(pipe, STATE_ATTR, None)
+    if state is None:
+        state = AccelState()
+        setattr(pipe, STATE_ATTR, state)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def optimize_pipeline(pipe, performance, device: torch.device, cache_root: Path | None = None) -> AccelState:
+    """Apply the configured levers to a freshly loaded pipeline. On the CPU nothing changes."""
+    state = state_of(pipe)
+    state.performance, state.device = performance, torch.device(device)
+    if state.device.type != "cuda":
+        return state
+    applied = state.applied
+    # The engine loads on the CPU and then moves the pipeline; layout changes and fusions are much
+    # faster on the GPU (10.8 s -> ~3 s for SDXL), so move first (the engine's own move is then a no-op).
+    pipe.to(state.device)
+    unet = pipe.unet
+    state.strip_lora = bool(getattr(performance, "strip_lora_wrappers", False))
+    if getattr(performance, "cudnn_benchmark", False):
+        torch.backends.cudnn.benchmark = True
+        applied["cudnn_benchmark"] = True
+    if performance.channels_last:
+        unet.to(memory_format=torch.channels_last)
+        applied["channels_last"] = True
+    if performance.fuse_qkv:
+        unet.fuse_qkv_projections()
+        state.fused_qkv = True
+        applied["fuse_qkv"] = True
+    vae_dtype = getattr(performance, "vae_dtype", "auto")
+    if vae_dtype != "auto":
+        set_vae_dtype(pipe.vae, DTYPES[vae_dtype])
+        applied["vae_dtype"] = vae_dtype
+    forward = unet.forward
+    mode = performance.compile
+    if mode != "off":
+        configure_compile_cache(_cache_dir(performance, cache_root))
+        import torch._dynamo as dynamo
+
+        # a compile failure must not fail a generation: dynamo then runs that frame eagerly
+        dynamo.config.suppress_errors = True
+        if mode == "regional":
+            unet.compile_repeated_blocks(dynamic=False)
+        else:  # full: the whole forward, compiled on its first call
+            forward = torch.compile(forward, dynamic=False)
+            if not getattr(performance, "cuda_graphs", False):
+                unet.forward = forward
+        applied["compile"] = mode
+    if getattr(performance, "cuda_graphs", False):
+        install_graphs(state, unet, forward, name="unet")
+        # compel runs each text encoder twice per image (prompt, negative): ~0.2 s of launches, eager
+        for component in ("text_encoder", "text_encoder_2"):
+            model = getattr(pipe, component, None)
+            if model is not None:
+                install_graphs(state, model, model.forward, name=component)
+        # the decode is GPU-bound; in the shared pool its activations reuse the UNet's memory (-1-2 GiB peak)
+        install_graphs(state, pipe.vae, pipe.vae.decode, name="vae_decode", attr="decode")
+        applied["cuda_graphs"] = True
+    return state
+
+
+def optimize_controlnet(pipe, model: torch.nn.Module, performance, device: torch.device) -> None:
+    """Levers for a ControlNet the engine has just put on the device."""
+    if torch.device(device).type != "cuda":
         return
     if performance.channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)
+    if getattr(performance, "cuda_graphs", False) and not isinstance(getattr(model, "forward", None), GraphRunner):
+        # conditioning_scale only multiplies the outputs: the graph runs at 1.0, the scale is applied after it,
+        # so one graph serves every strength.
+        install_graphs(state_of(pipe), model, model.forward, name=f"controlnet{len(state_of(pipe).runners)}",
+                       scale_arg=(4, "conditioning_scale"))
+
+
+def release(pipe) -> None:
+    """Drop every captured CUDA graph (and its memory pool): call before moving weights off the GPU."""
+    state = getattr(pipe, STATE_ATTR, None) if pipe is not None else None
+    if state is None:
+        return
+    for runner in state.runners:
+        runner.reset()
+    state.pool[0] = None
+
+
+@contextlib.contextmanager
+def lora_update(pipe):
+    """Wrap every change of the active LoRAs (LoraManager.apply / unload_all).
+
+    Inside: peft's wrapper layers are back in place, so peft and diffusers see the model they built.
+    After: fused QKV weights are refreshed from the (LoRA-fused) to_q/to_k/to_v, wrappers that compute
+    nothing but their base layer are swapped out again (when strip_lora_wrappers is on), and graph runners
+    re-check what they captured.
+    """
+    state = state_of(pipe)
+    started = time.perf_counter()
+    reattach_lora_wrappers(state)
+    timing = state.applied.setdefault("last_lora_update_s", {})
+    timing["reattach"] = round(time.perf_counter() - started, 4)
+    inner = time.perf_counter()
+    try:
+        yield
+    finally:
+        timing["manager"] = round(time.perf_counter() - inner, 4)
+        after = time.perf_counter()
+        if state.fused_qkv:
+            refresh_fused_qkv(pipe.unet)
+        if state.strip_lora:
+            strip_lora_wrappers(pipe, state)
+        state.version += 1
+        timing["refresh_and_strip"] = round(time.perf_counter() - after, 4)
+
+
+def guard_lora_manager(manager, pipe):
+    """Run every change the LoraManager makes (apply, unload_all) inside `lora_update(pipe)`."""
+    for name in ("apply", "unload_all"):
+        method = getattr(manager, name, None)
+        if method is None or getattr(method, "_mcp_guarded", False):
+            continue
+
+        def guarded(*args, _method=method, **kwargs):
+            with lora_update(pipe):
+                return _method(*args, **kwargs)
+
+        guarded._mcp_guarded = True
+        functools.update_wrapper(guarded, method)
+        setattr(manager, name, guarded)
+    return manager
+
+
+def control_pipeline(cls, base, controlnet):
+    """A ControlNet pipeline sharing `base`'s components, with their dtypes untouched.
+
+    diffusers' `from_pipe` ends with `.to(dtype)`, float32 when no dtype is given: it silently turned the
+    shared UNet, text encoders and VAE (so the base pipeline too) into float32 (measured on an H100: every
+    later image 4-5x slower, +10 GiB, different pixels); with a dtype it would undo a bfloat16 VAE.
+    """
+    import inspect
+
+    accepted = inspect.signature(cls.__init__).parameters
+    parts = {k: v for k, v in base.components.items() if k in accepted and k != "controlnet"}
+    if "force_zeros_for_empty_prompt" in accepted:
+        parts["force_zeros_for_empty_prompt"] = base.config.get("force_zeros_for_empty_prompt", True)
+    if "add_watermarker" in accepted:
+        parts["add_watermarker"] = getattr(base, "watermark", None) is not None
+    pipe = cls(**parts, controlnet=controlnet)
+    if hasattr(base, STATE_ATTR):
+        setattr(pipe, STATE_ATTR, getattr(base, STATE_ATTR))
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------- LoRA wrappers
+def _is_identity_lora(module) -> bool:
+    """True when this peft LoRA layer's forward is exactly `base_layer(x)` with the current weights."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    if not isinstance(module, LoraLayer) or not hasattr(module, "base_layer"):
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(module.base_layer, BaseTunerLayer):
+        return False
+    merged = bool(module.merged_adapters)
+    if module.disable_adapters:
+        return not merged  # disabled + merged would unmerge on the fly
+    if merged:
+        return True  # peft runs only the base layer once anything is merged
+    return not any(name in module.lora_A for name in module.active_adapters)
+
+
+def strip_lora_wrappers(pipe, state: AccelState | None = None) -> int:
+    """Swap identity peft wrappers for their base layers; returns how many were swapped."""
+    state = state or state_of(pipe)
+    count = 0
+    for component in LORA_COMPONENTS:
+        model = getattr(pipe, component, None)
+        if model is None:
+            continue
+        found = [(name, m) for name, m in model.named_modules() if _is_identity_lora(m)]
+        for name, wrapper in found:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, wrapper.base_layer)
+            state.stripped.append((parent, child, wrapper))
+            count += 1
+    return count
+
+
+def reattach_lora_wrappers(state: AccelState) -> int:
+    count = 0
+    while state.stripped:
+        parent, child, wrapper = state.stripped.pop()
+        if getattr(parent, child, None) is wrapper.base_layer:
+            setattr(parent, child, wrapper)
+            count += 1
+    return count
+
+
+def refresh_fused_qkv(unet) -> int:
+    """Copy to_q/to_k/to_v (after LoRAs were fused into them) into the fused projections, in place."""
+    from diffusers.models.attention_processor import Attention
+
+    count = 0
+    with torch.no_grad():
+        for module in unet.modules():
+            if not isinstance(module, Attention) or not getattr(module, "fused_projections", False):
+                continue
+            parts = ["to_k", "to_v"] if module.is_cross_attention else ["to_q", "to_k", "to_v"]
+            target = module.to_kv if module.is_cross_attention else module.to_qkv
+            weights = [_base(getattr(module, p)).weight for p in parts]
+            target.weight.copy_(torch.cat(weights))
+            if target.bias is not None:
+                target.bias.copy_(torch.cat([_base(getattr(module, p)).bias for p in parts]))
+            count += 1
+    return count
+
+
+def _base(layer):
+    return layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+
+
+# ---------------------------------------------------------------------------------------------- VAE, caches
+def set_vae_dtype(vae, dtype: torch.dtype) -> None:
+    """Decode in `dtype` whatever the latents' dtype (diffusers' per-call float32 upcast is turned off)."""
+    vae.to(dtype=dtype)
+    vae.register_to_config(force_upcast=False)
+    original = vae.decode
+    if getattr(original, "_mcp_cast", False):
+        return
+
+    @functools.wraps(original)
+    def decode(z, *args, **kwargs):
+        return original(z.to(vae.dtype), *args, **kwargs)
+
+    decode._mcp_cast = True
+    vae.decode = decode
+
+
+def _cache_dir(performance, cache_root: Path | None) -> Path:
+    directory = Path(os.path.expanduser(getattr(performance, "compile_cache_dir", "cache/torch")))
+    if not directory.is_absolute():
+        directory = Path(cache_root or Path.home() / ".mcp-sdxl") / directory
+    return directory
+
+
+def configure_compile_cache(directory: Path) -> Path:
+    """On-disk inductor (FX graph, AOTAutograd) and Triton caches under `directory` (env vars win)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(directory / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(directory / "triton"))
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    with contextlib.suppress(Exception):
+        import torch._functorch.config as functorch_config
+
+        functorch_config.enable_autograd_cache = True
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------- CUDA graphs
+class Uncapturable(Exception):
+    pass
+
+
+def _flatten(obj, leaves: list):
+    """Structure (hashable) + tensor leaves of call arguments made of tensors, scalars, tuples, lists, dicts."""
+    if isinstance(obj, torch.Tensor):
+        leaves.append(obj)
+        return "T"
+    if isinstance(obj, (tuple, list)):
+        if type(obj) not in (tuple, list):
+            raise Uncapturable(f"unsupported sequence type {type(obj).__name__}")
+        return (type(obj) is tuple, tuple(_flatten(o, leaves) for o in obj))
+    if isinstance(obj, dict):  # plain dicts, and model outputs (diffusers BaseOutput, transformers ModelOutput)
+        if not all(isinstance(k, str) for k in obj):
+            raise Uncapturable("mapping with non-string keys")
+        kind = "dict" if type(obj) is dict else type(obj)
+        return ("dict", kind, tuple((k, _flatten(v, leaves)) for k, v in obj.items()))
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return ("V", type(obj).__name__, obj)
+    raise Uncapturable(f"unsupported argument type {type(obj).__name__}")
+
+
+def _unflatten(structure, leaves):
+    if structure == "T":
+        return next(leaves)
+    if structure[0] == "V":
+        return structure[2]
+    if structure[0] == "dict":
+        values = {k: _unflatten(v, leaves) for k, v in structure[2]}
+        return values if structure[1] == "dict" else structure[1](**values)
+    items = [_unflatten(s, leaves) for s in structure[1]]
+    return tuple(items) if structure[0] is True else items
+
+
+class CudaGraphBackend:
+    """torch.cuda graphs; tests substitute a CPU stand-in with the same four methods."""
+
+    def usable(self, tensors) -> bool:
+        return all(t.is_cuda for t in tensors) and not torch.cuda.is_current_stream_capturing()
+
+    def warm_up(self, fn):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+
+    def capture(self, fn, pool):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            out = fn()
+        return graph, out, graph.pool()
+
+    def replay(self, graph) -> None:
+        graph.replay()
+
+
+@dataclass
+class _Entry:
+    graph: Any
+    inputs: list  # static input tensors, in leaf order
+    output: Any
+    out_structure: Any
+    out_leaves: list
+
+
+class GraphRunner:
+    """Stands in for a module's forward: eager on a signature's first call, then one captured graph per signature.
+
+    A signature is the argument structure plus each tensor's shape, dtype and strides (scalars by value).
+    Replays copy the arguments into the graph's static inputs and return copies of its outputs. The weights'
+    addresses are checked before every replay (moved weights: graphs dropped); `lora_update` makes the runner
+    re-scan the module. With `scale_arg` (ControlNet's conditioning_scale) the graph runs at scale 1.0 and
+    the outputs are multiplied by the scale, so every strength shares one graph.
+    """
+
+    def __init__(self, module, fn: Callable, state: AccelState, *, name: str, scale_arg=None,
+                 max_graphs: int = 8, backend=None):
+        self._module = weakref.ref(module)
+        self.fn = fn
+        self.state = state
+        self.name = name
+        self.scale_arg = scale_arg
+        self.max_graphs = max_graphs
+        self.backend = backend or CudaGraphBackend()
+        self.enabled = True
+        self.entries: dict = {}
+        self.seen: dict = {}
+        self.failed: set = set()
+        self.stats = {"eager": 0, "captures": 0, "replays": 0, "resets": 0, "capture_s": 0.0}
+        self._version = None
+        self._tensors: list = []
+        self._ptrs: list = []
+        self._lora_active = False
+        functools.update_wrapper(self, fn, updated=())
+
+    # -- bookkeeping
+    def reset(self) -> None:
+        if self.entries:
+            self.stats["resets"] += 1
+        self.entries.clear()
+        self.seen.clear()
+        self._ptrs = []
+        if not any(r.entries for r in self.state.runners):
+            # a pool whose graphs are all gone cannot be handed to a new capture: start a fresh one
+            self.state.pool[0] = None
+
+    def _rescan(self, module) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        tensors = [p for n, p in module.named_parameters() if "lora_" not in n]
+        tensors += [b for n, b in module.named_buffers() if "lora_" not in n]
+        self._tensors = tensors
+        # an active, unfused adapter computes something a graph captured without it lacks (and vice versa)
+        self._lora_active = any(isinstance(m, BaseTunerLayer) and not _is_identity_lora(m) for m in module.modules())
+        self._version = self.state.version
+
+    def _weights_moved(self, module) -> bool:
+        if self._version != self.state.version:
+            before = (self._lora_active, [id(t) for t in self._tensors])
+            self._rescan(module)
+            if before != (self._lora_active, [id(t) for t in self._tensors]):
+                self.reset()
+        ptrs = [t.data_ptr() for t in self._tensors]
+        if ptrs != self._ptrs:
+            if self._ptrs:
+                self.reset()
+            self._ptrs = ptrs
+            return True
+        return False
+
+    # -- the call
+    def __call__(self, *args, **kwargs):
+        module = self._module()
+        if not self.enabled or module is None or torch.is_grad_enabled():
+            return self.fn(*args, **kwargs)
+        scale = None
+        call_args, call_kwargs = args, kwargs
+        if self.scale_arg is not None:
+            call_args, call_kwargs, scale = self._unit_scale(args, kwargs)
+            if scale is None:
+                return self.fn(*args, **kwargs)
+        leaves: list = []
+        try:
+            structure = _flatten((call_args, call_kwargs), leaves)
+        except Uncapturable:
+            return self.fn(*args, **kwargs)
+        if not self.backend.usable(leaves):
+            return self.fn(*args, **kwargs)
+        key = (structure, torch.is_inference_mode_enabled(),
+               tuple((tuple(t.shape), t.dtype, t.stride(), t.device) for t in leaves))
+        if key in self.failed:
+            return self.fn(*args, **kwargs)
+        self._weights_moved(module)
+        entry = self.entries.get(key)
+        if entry is None:
+            seen = self.seen[key] = self.seen.get(key, 0) + 1
+            if seen < 2 or len(self.entries) >= self.max_graphs:
+                self.stats["eager"] += 1
+                return self.fn(*args, **kwargs)
+            entry = self._capture(key, structure, leaves)
+            if entry is None:
+                return self.fn(*args, **kwargs)
+        for static, value in zip(entry.inputs, leaves):
+            static.copy_(value)
+        self.backend.replay(entry.graph)
+        self.stats["replays"] += 1
+        if scale is None:
+            return _unflatten(entry.out_structure, iter([t.clone() for t in entry.out_leaves]))
+        return _unflatten(entry.out_structure, iter([t * scale for t in entry.out_leaves]))
+
+    def _unit_scale(self, args, kwargs):
+        index, name = self.scale_arg
+        if len(args) > index:
+            scale = args[index]
+            args = args[:index] + (1.0,) + args[index + 1 :]
+        elif name in kwargs:
+            scale = kwargs[name]
+            kwargs = {**kwargs, name: 1.0}
+        else:
+            scale = 1.0
+        if kwargs.get("guess_mode"):
+            return args, kwargs, None
+        return args, kwargs, (float(scale) if isinstance(scale, (int, float)) else None)
+
+    def _capture(self, key, structure, leaves):
+        started = time.perf_counter()
+        inputs = [torch.empty_like(t) for t in leaves]
+        for static, value in zip(inputs, leaves):
+            static.copy_(value)
+        args, kwargs = _unflatten(structure, iter(inputs))
+        try:
+            self.backend.warm_up(lambda: self.fn(*args, **kwargs))
+            graph, out, pool = self.backend.capture(lambda: self.fn(*args, **kwargs), self.state.pool[0])
+            out_leaves: list = []
+            out_structure = _flatten(out, out_leaves)
+        except Exception as exc:  # an op that cannot be captured: this signature stays eager
+            log.warning("%s: CUDA graph capture failed, running eagerly: %s: %s", self.name, type(exc).__name__, exc)
+            self.failed.add(key)
+            return None
+        if self.state.pool[0] is None:
+            self.state.pool[0] = pool
+        entry = _Entry(graph, inputs, out, out_structure, out_leaves)
+        self.entries[key] = entry
+        self.stats["captures"] += 1
+        self.stats["capture_s"] += time.perf_counter() - started
+        return entry
+
+
+def install_graphs(state: AccelState, module, fn: Callable, *, name: str, scale_arg=None, backend=None,
+                   attr: str = "forward") -> GraphRunner:
+    runner = GraphRunner(module, fn, state, name=name, scale_arg=scale_arg, backend=backend)
+    setattr(module, attr, runner)
+    state.runners.append(runner)
+    return runner
+
+
+def graph_stats(pipe) -> dict:
+    state = getattr(pipe, STATE_ATTR, None)
+    return {r.name: dict(r.stats) for r in state.runners} if state else {}

@@ -1,6 +1,6 @@
 """ControlNets: lazy loading per control type, multi-ControlNet pipelines, no work outside the window.
 
-The control pipeline is built with `from_pipe`, so it shares every weight with the base pipeline
+The control pipeline is built from the base pipeline's components, so it shares every weight with it
 (and its fused LoRAs). All requests go through MultiControlNetModel, one net per control type.
 """
 
@@ -87,7 +87,10 @@ def prepare(engine, request):
         for kind in loaded_here:
             engine.controlnets.pop(kind, None)
         raise
-    pipe = StableDiffusionXLControlNetPipeline.from_pipe(engine.pipe, controlnet=MultiControlNetModel(nets))
+    from mcp_sdxl.engine.accel import control_pipeline
+
+    # not from_pipe: diffusers' from_pipe casts every shared component (the base pipeline's too) to float32
+    pipe = control_pipeline(StableDiffusionXLControlNetPipeline, engine.pipe, MultiControlNetModel(nets))
     pipe.set_progress_bar_config(disable=True)
     n = len(nets)
     extra = {

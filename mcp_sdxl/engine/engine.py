@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 
 from mcp_sdxl.config import Settings
+from mcp_sdxl.engine import accel
 from mcp_sdxl.engine import controlnet as cn
-from mcp_sdxl.engine.loading import WeightSource, load_sdxl_pipeline, resolve_source
+from mcp_sdxl.engine.loading import WeightSource, load_sdxl_pipeline, own_memory, resolve_source
 from mcp_sdxl.engine.lora import LoraManager, LoraSpec
 from mcp_sdxl.errors import CancelledError, ConfigError, UserInputError
 
@@ -136,6 +137,7 @@ class Engine:
             if self.pipe is None:
                 self.pipe = self._load_pipeline()
                 self.loras = LoraManager(self.pipe)
+                accel.guard_lora_manager(self.loras, self.pipe)  # fused QKV follows LoRAs; wrappers out of the hot path
             self.pipe.to(self.device)
             for model in self.controlnets.values():
                 model.to(self.device)
@@ -148,6 +150,7 @@ class Engine:
         with self._lock:
             start = time.perf_counter()
             if self.state == "ready" and self.device.type == "cuda":
+                accel.release(self.pipe)  # CUDA graphs hold device memory and weight addresses
                 self.pipe.to("cpu")
                 for model in self.controlnets.values():
                     model.to("cpu")
@@ -159,6 +162,7 @@ class Engine:
         """Drop every weight (GPU and CPU)."""
         with self._lock:
             start = time.perf_counter()
+            accel.release(self.pipe)
             self.pipe = self.loras = self._compel = None
             self.controlnets.clear()
             self.state = "unloaded"
@@ -190,6 +194,10 @@ class Engine:
             single_file_config=single_file_config,
             vae=vae,
         )
+        if self.device.type == "cpu":  # same weights, same image, whichever file layout they came from
+            for component in pipe.components.values():
+                if isinstance(component, torch.nn.Module):
+                    own_memory(component)
         # PyTorch SDPA everywhere; xformers is never enabled (config rejects it).
         pipe.unet.set_attn_processor(AttnProcessor2_0())
         pipe.vae.set_attn_processor(AttnProcessor2_0())
@@ -197,7 +205,7 @@ class Engine:
         pipe.scheduler = _make_scheduler(cfg.generation.scheduler, pipe.scheduler.config)
         from mcp_sdxl.engine.accel import optimize_pipeline
 
-        optimize_pipeline(pipe, cfg.performance, self.device)
+        optimize_pipeline(pipe, cfg.performance, self.device, cache_root=self.settings.home)
         return pipe
 
     # ------------------------------------------------------------------ generation
