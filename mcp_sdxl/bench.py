@@ -756,10 +756,12 @@ def _vae_decode_costs(pipe, plan: Plan) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ engine
-def engine_settings(settings, assets: Assets, overrides: dict | None):
+def engine_settings(settings, assets: Assets, overrides: dict | None, vram_limit_gb: float | None = None):
     from mcp_sdxl.config.models import ControlNetEntry, Performance
 
     sdxl = settings.sdxl.model_copy(deep=True)
+    if vram_limit_gb is not None:  # the engine's own cap and graph-memory policy (hardware.vram_limit_gb)
+        sdxl.hardware.vram_limit_gb = vram_limit_gb
     if assets.kind == "random":
         sdxl.profile = "sdxl"
         sdxl.model.base_model = str(assets.model_dir)
@@ -793,7 +795,7 @@ def run_engine_variant(settings, plan: Plan, assets: Assets, maps: dict, vram: V
     from mcp_sdxl.engine import accel
 
     out = report.data["engine"].setdefault(name, {})
-    v_settings = engine_settings(settings, assets, overrides)
+    v_settings = engine_settings(settings, assets, overrides, plan.vram_limit_gb)
     out["performance"] = v_settings.sdxl.performance.model_dump()
     cudnn_before = _cudnn_benchmark()
     engine = Engine(v_settings)
@@ -851,11 +853,15 @@ def run_engine_variant(settings, plan: Plan, assets: Assets, maps: dict, vram: V
                 out.setdefault("scenarios", {})[scenario] = {"error": report.error(f"engine/{name}/{scenario}", exc)}
             report.save()
         out["graphs"] = accel.graph_stats(engine.pipe) if engine.pipe is not None else {}
+        if engine.pipe is not None:
+            st = accel.state_of(engine.pipe)
+            out["graph_policy"] = {"one_family": st.one_family, "captures_off": st.captures_off}
         if main and plan.left() > 60:
+            release = out["release"] = {}
             try:
-                out["release"] = _release_cycle(engine, plan, assets, maps, vram)
+                _release_cycle(engine, plan, assets, maps, vram, release)
             except Exception as exc:
-                out["release"] = {"error": report.error(f"engine/{name}/release", exc)}
+                release["error"] = report.error(f"engine/{name}/release", exc)
     except Exception as exc:
         out["error"] = report.error(f"engine/{name}", exc)
     finally:
@@ -903,28 +909,34 @@ def _lora_switch(engine, plan: Plan, assets: Assets) -> dict:
     return out
 
 
-def _release_cycle(engine, plan: Plan, assets: Assets, maps: dict, vram: Vram) -> dict:
-    """Lease-style: offload to CPU RAM and back, unload and reload, with VRAM left after each release."""
-    out = {"before": vram.now()}
+def _release_cycle(engine, plan: Plan, assets: Assets, maps: dict, vram: Vram, out: dict) -> dict:
+    """Lease-style: offload to pinned CPU RAM and back (twice: the first allocates the pinned buffers),
+    unload and reload, with VRAM left after each release and the image checked against the one before.
+    Fills `out` as it goes, so a failure keeps what was measured before it."""
+    out["before"] = vram.now()
     request = engine_request(plan, assets, scenario_inputs("base", assets, maps))
+    images = {}
 
-    def image_s():
+    def image_s(label):
         _sync()
         t0 = time.perf_counter()
-        engine.generate(request)
+        images[label] = engine.generate(request).image
         _sync()
         return round(time.perf_counter() - t0, 4)
 
-    out["offload_s"] = round(engine.offload(), 3)
-    out["after_offload"] = vram.now()
-    out["reacquire_from_cpu_s"] = round(engine.load(), 3)
-    out["first_image_after_reacquire_s"] = image_s()
-    out["second_image_after_reacquire_s"] = image_s()
+    image_s("before")
+    for cycle in ("", "_again"):
+        out[f"offload{cycle}_s"] = round(engine.offload(), 3)
+        out[f"after_offload{cycle}"] = vram.now()
+        out[f"reacquire_from_cpu{cycle}_s"] = round(engine.load(), 3)
+        out[f"first_image_after_reacquire{cycle}_s"] = image_s(f"reacquire{cycle}")
+    out["second_image_after_reacquire_s"] = image_s("reacquire_2")
     out["unload_s"] = round(engine.unload(), 3)
     out["after_unload"] = vram.now()
     out["reload_from_disk_s"] = round(engine.load(), 3)
-    out["first_image_after_reload_s"] = image_s()
-    out["second_image_after_reload_s"] = image_s()
+    out["first_image_after_reload_s"] = image_s("reload")
+    out["second_image_after_reload_s"] = image_s("reload_2")
+    out["same_image_after"] = {k: compare(images["before"], v)["identical"] for k, v in images.items() if k != "before"}
     return out
 
 
@@ -1188,9 +1200,12 @@ def render(data: dict, summary: dict) -> str:
             lines.append(f"  - LoRA switch: " + ", ".join(f"{k} {x['lora_s']} s" for k, x in v["lora_switch"].items()))
         if isinstance(v, dict) and isinstance(v.get("release"), dict) and "offload_s" in v["release"]:
             r = v["release"]
-            lines.append(f"  - release: offload {r['offload_s']} s (VRAM after {r['after_offload']}), re-acquire "
-                         f"{r['reacquire_from_cpu_s']} s, first image after {r['first_image_after_reacquire_s']} s; "
-                         f"unload {r['unload_s']} s (VRAM after {r['after_unload']}), reload {r['reload_from_disk_s']} s")
+            lines.append(f"  - release: offload {r['offload_s']} s (VRAM after {r.get('after_offload')}), re-acquire "
+                         f"{r.get('reacquire_from_cpu_s')} s, first image after {r.get('first_image_after_reacquire_s')} s; "
+                         f"again: offload {r.get('offload_again_s')} s, re-acquire {r.get('reacquire_from_cpu_again_s')} s; "
+                         f"unload {r.get('unload_s')} s (VRAM after {r.get('after_unload')}), reload "
+                         f"{r.get('reload_from_disk_s')} s; same image after each: {r.get('same_image_after')}"
+                         + (f"; error: {r['error'][:120]}" if r.get("error") else ""))
     if ref.get("encode_compel_s") is not None:
         lines.append(f"- prompt encoding: compel {ref['encode_compel_s']} s, diffusers encode_prompt "
                      f"{ref.get('encode_diffusers_s')} s; reference load {ref.get('load_s')} s")

@@ -35,6 +35,10 @@ class Hardware(Strict):
     vram_optimization: bool = True
     enable_cpu_offload: bool = False
     enable_sequential_cpu_offload: bool = False
+    # Cap on this process's GPU memory (torch allocator), e.g. 15.5 for a 16 GB card shared with nothing
+    # else. Under a cap, CUDA graphs are kept for one kind of call at a time (their memory pool is freed
+    # when the call's shape, ControlNets or size change). None: no cap, graphs for every kind are kept.
+    vram_limit_gb: float | None = Field(None, gt=0, le=1024)
 
 
 class Attention(Strict):

@@ -56,6 +56,11 @@ class AccelState:
     version: int = 0  # bumped by every lora_update (runners re-check what they captured)
     fused_qkv: bool = False
     strip_lora: bool = False  # set on CUDA when performance.strip_lora_wrappers
+    # Memory policy for graphs (see begin_call / after_oom): under a VRAM cap, or after an out-of-memory
+    # error, only the graphs of one kind of call are kept; after a second one, no new graphs are captured.
+    one_family: bool = False
+    family: Any = None  # the kind of call (size, ControlNets, CFG) the graphs held now belong to
+    captures_off: bool = False
     applied: dict = field(default_factory=dict)  # lever -> what was done (for status / the benchmark)
 
 
@@ -68,10 +73,12 @@ def state_of(pipe) -> AccelState:
 
 
 # ---------------------------------------------------------------------------------------------- entry points
-def optimize_pipeline(pipe, performance, device: torch.device, cache_root: Path | None = None) -> AccelState:
+def optimize_pipeline(pipe, performance, device: torch.device, cache_root: Path | None = None,
+                      vram_limit_gb: float | None = None) -> AccelState:
     """Apply the configured levers to a freshly loaded pipeline. On the CPU nothing changes."""
     state = state_of(pipe)
     state.performance, state.device = performance, torch.device(device)
+    state.one_family = vram_limit_gb is not None
     if state.device.type != "cuda":
         return state
     applied = state.applied
@@ -143,6 +150,50 @@ def release(pipe) -> None:
     for runner in state.runners:
         runner.reset()
     state.pool[0] = None
+
+
+def holds_graphs(pipe) -> bool:
+    state = getattr(pipe, STATE_ATTR, None) if pipe is not None else None
+    return state is not None and any(r.entries for r in state.runners)
+
+
+def begin_call(pipe, family) -> None:
+    """Called before each generation with its kind of call (anything hashable: size, ControlNets, CFG).
+
+    Graphs of every kind seen are kept by default (each kind replays at once). Under `one_family` (a VRAM
+    cap, or after an out-of-memory error) the graphs of another kind are dropped first, so their memory
+    pool never adds to this call's peak; the new kind's graphs are captured on its first steps.
+    """
+    state = getattr(pipe, STATE_ATTR, None)
+    if state is None or not state.runners:
+        return
+    if state.one_family and state.family is not None and family != state.family and holds_graphs(pipe):
+        release(pipe)
+        _empty_cuda_cache()
+    state.family = family
+
+
+def after_oom(pipe) -> bool:
+    """The GPU ran out of memory: give back the graphs' memory first. True when something was given back
+    (the call is worth one more try). The first time, graphs of other kinds of call go and one kind is kept
+    from then on; when it strikes again with one kind only, no new graphs are captured at all."""
+    state = getattr(pipe, STATE_ATTR, None) if pipe is not None else None
+    if state is None or not holds_graphs(pipe):
+        return False  # eager alone does not fit: nothing of ours to give back
+    if state.one_family:
+        state.captures_off = True
+    state.one_family = True
+    release(pipe)
+    _empty_cuda_cache()
+    log.warning("out of GPU memory: CUDA graphs dropped (%s)",
+                "no new graphs from now on" if state.captures_off else "keeping one kind of call from now on")
+    return True
+
+
+def _empty_cuda_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager
@@ -480,7 +531,7 @@ class GraphRunner:
         entry = self.entries.get(key)
         if entry is None:
             seen = self.seen[key] = self.seen.get(key, 0) + 1
-            if seen < 2 or len(self.entries) >= self.max_graphs:
+            if seen < 2 or len(self.entries) >= self.max_graphs or self.state.captures_off:
                 self.stats["eager"] += 1
                 return self.fn(*args, **kwargs)
             entry = self._capture(key, structure, leaves)

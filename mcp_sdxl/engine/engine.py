@@ -22,6 +22,7 @@ from mcp_sdxl.engine import accel
 from mcp_sdxl.engine import controlnet as cn
 from mcp_sdxl.engine.loading import WeightSource, load_sdxl_pipeline, own_memory, resolve_source
 from mcp_sdxl.engine.lora import LoraManager, LoraSpec
+from mcp_sdxl.engine.residency import HostCopy
 from mcp_sdxl.errors import CancelledError, ConfigError, UserInputError
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class Engine:
         self.loras: LoraManager | None = None
         self.controlnets: dict[str, torch.nn.Module] = {}
         self._compel = None
+        self._host = HostCopy()  # pinned CPU RAM for offload (CUDA only)
         self._lock = threading.RLock()
         # Seconds per step per megapixel, learned from real runs; used to estimate call times.
         self._step_cost = 0.12 if self.device.type == "cuda" else 2.0
@@ -135,9 +137,12 @@ class Engine:
             if self.state == "ready":
                 return 0.0
             if self.pipe is None:
+                self._apply_vram_limit()
                 self.pipe = self._load_pipeline()
                 self.loras = LoraManager(self.pipe)
                 accel.guard_lora_manager(self.loras, self.pipe)  # fused QKV follows LoRAs; wrappers out of the hot path
+            if self.state == "offloaded":
+                self._host.restore(self._weight_modules(), self.device)  # pinned buffers -> GPU
             self.pipe.to(self.device)
             for model in self.controlnets.values():
                 model.to(self.device)
@@ -145,15 +150,28 @@ class Engine:
             self.state = "ready"
             return time.perf_counter() - start
 
+    def _apply_vram_limit(self) -> None:
+        limit = self.settings.sdxl.hardware.vram_limit_gb
+        if limit is not None and self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            total = torch.cuda.get_device_properties(index).total_memory
+            # caps what torch's allocator may reserve; the CUDA context (~0.5 GiB) comes on top
+            torch.cuda.set_per_process_memory_fraction(min(1.0, limit * 2**30 / total), index)
+
+    def _weight_modules(self) -> list[torch.nn.Module]:
+        modules = [m for m in self.pipe.components.values() if isinstance(m, torch.nn.Module)]
+        modules += list(self.controlnets.values())
+        # peft wrappers swapped out of the model while their LoRAs are fused still hold adapter weights
+        modules += [wrapper for _, _, wrapper in accel.state_of(self.pipe).stripped]
+        return modules
+
     def offload(self) -> float:
-        """Move weights to CPU RAM (fast to bring back) and free the GPU."""
+        """Move weights to pinned CPU RAM (fast to bring back) and free the GPU."""
         with self._lock:
             start = time.perf_counter()
             if self.state == "ready" and self.device.type == "cuda":
                 accel.release(self.pipe)  # CUDA graphs hold device memory and weight addresses
-                self.pipe.to("cpu")
-                for model in self.controlnets.values():
-                    model.to("cpu")
+                self._host.offload(self._weight_modules())
                 self.state = "offloaded"
                 _free_cuda()
             return time.perf_counter() - start
@@ -163,6 +181,7 @@ class Engine:
         with self._lock:
             start = time.perf_counter()
             accel.release(self.pipe)
+            self._host.clear()
             self.pipe = self.loras = self._compel = None
             self.controlnets.clear()
             self.state = "unloaded"
@@ -205,7 +224,8 @@ class Engine:
         pipe.scheduler = _make_scheduler(cfg.generation.scheduler, pipe.scheduler.config)
         from mcp_sdxl.engine.accel import optimize_pipeline
 
-        optimize_pipeline(pipe, cfg.performance, self.device, cache_root=self.settings.home)
+        optimize_pipeline(pipe, cfg.performance, self.device, cache_root=self.settings.home,
+                          vram_limit_gb=cfg.hardware.vram_limit_gb)
         return pipe
 
     # ------------------------------------------------------------------ generation
@@ -241,30 +261,42 @@ class Engine:
                     p._interrupt = True
                 return callback_kwargs
 
-            run_pipe, extra = pipe, {}
-            if request.controls:
-                run_pipe, extra = cn.prepare(self, request)
-            generator = torch.Generator("cpu").manual_seed(request.seed)
+            # CUDA graphs are kept per kind of call; under a VRAM cap only the current kind's, and the
+            # other kinds' memory goes before this call loads its ControlNets
+            accel.begin_call(pipe, (request.width, request.height, tuple(c.kind for c in request.controls),
+                                    request.cfg_scale > 1))
             started = time.perf_counter()
-            try:
-                with torch.inference_mode(), cn.skip_outside_window(run_pipe):
-                    result = run_pipe(
-                        **embeds,
-                        **extra,
-                        width=request.width,
-                        height=request.height,
-                        num_inference_steps=request.steps,
-                        guidance_scale=request.cfg_scale,
-                        generator=generator,
-                        callback_on_step_end=on_step_end,
-                        output_type="pil",
-                    )
-            except torch.OutOfMemoryError as exc:
-                _free_cuda()
-                raise RuntimeError(
-                    "the GPU ran out of memory during generation; the engine has recovered. "
-                    "Try a smaller size, fewer ControlNets, or release the GPU from other programs."
-                ) from exc
+            for attempt in range(3):
+                step_times.clear()
+                generator = torch.Generator("cpu").manual_seed(request.seed)  # a retry makes the same image
+                try:
+                    run_pipe, extra = pipe, {}
+                    if request.controls:
+                        run_pipe, extra = cn.prepare(self, request)
+                    with torch.inference_mode(), cn.skip_outside_window(run_pipe):
+                        result = run_pipe(
+                            **embeds,
+                            **extra,
+                            width=request.width,
+                            height=request.height,
+                            num_inference_steps=request.steps,
+                            guidance_scale=request.cfg_scale,
+                            generator=generator,
+                            callback_on_step_end=on_step_end,
+                            output_type="pil",
+                        )
+                    break
+                except torch.OutOfMemoryError as exc:
+                    # Graphs are a speed-up: their memory goes before the call fails (then the call reruns).
+                    if attempt < 2 and accel.after_oom(pipe):
+                        log.warning("out of GPU memory at %dx%d: retrying without the graphs' memory",
+                                    request.width, request.height)
+                        continue
+                    _free_cuda()
+                    raise RuntimeError(
+                        "the GPU ran out of memory during generation; the engine has recovered. "
+                        "Try a smaller size, fewer ControlNets, or release the GPU from other programs."
+                    ) from exc
             if cancel is not None and cancel.is_set():
                 raise CancelledError("generation cancelled")
             finished = time.perf_counter()

@@ -1,0 +1,194 @@
+"""CUDA-graph bookkeeping (mcp_sdxl.engine.accel.GraphRunner) and its memory policy, on the CPU.
+
+The runner decides when to capture, which graph serves a call, when graphs are stale and when their
+memory is given back. That logic is exercised here with a CPU backend that "captures" a function and
+"replays" it by running it again on the static inputs and writing into the captured outputs, which is
+what a CUDA graph replay does. The CUDA kernels themselves are checked on the GPU by `mcp-sdxl bench`
+(its output check compares every engine image with plain diffusers).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mcp_sdxl.engine import accel
+
+
+class CpuGraphs:
+    """The four methods of accel.CudaGraphBackend, on the CPU."""
+
+    def __init__(self):
+        self.captures = 0
+        self.replays = 0
+
+    def usable(self, tensors) -> bool:
+        return True
+
+    def warm_up(self, fn):
+        fn()
+
+    def capture(self, fn, pool):
+        self.captures += 1
+        out = fn()
+        return {"fn": fn, "out": out}, out, pool or object()
+
+    def replay(self, graph) -> None:
+        self.replays += 1
+        fresh = graph["fn"]()
+        leaves_new, leaves_old = [], []
+        accel._flatten(fresh, leaves_new)
+        accel._flatten(graph["out"], leaves_old)
+        for old, new in zip(leaves_old, leaves_new):
+            old.copy_(new)
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, scale=1.0):
+        return {"y": self.lin(x) * 2, "z": x.sum(dim=-1)}
+
+
+class FakePipe:
+    pass
+
+
+def _runner(**kwargs):
+    pipe, net, backend = FakePipe(), Net(), CpuGraphs()
+    state = accel.state_of(pipe)
+    runner = accel.install_graphs(state, net, net.forward, name="net", backend=backend, **kwargs)
+    return pipe, net, runner, backend
+
+
+@torch.inference_mode()
+def test_second_call_of_a_signature_captures_and_replays_match_eager():
+    pipe, net, runner, backend = _runner()
+    eager = Net.forward.__get__(net)
+    xs = [torch.randn(2, 4) for _ in range(4)]
+    outs = [net(x) for x in xs]
+    assert runner.stats["eager"] == 1 and runner.stats["captures"] == 1 and runner.stats["replays"] == 3
+    for x, out in zip(xs, outs):
+        want = eager(x)
+        assert torch.allclose(out["y"], want["y"]) and torch.allclose(out["z"], want["z"])
+    # outputs are copies: a later replay does not change what an earlier call returned
+    first = outs[1]["y"].clone()
+    net(torch.randn(2, 4))
+    assert torch.equal(outs[1]["y"], first)
+    # another shape is another signature: eager once, then its own graph
+    net(torch.randn(3, 4)), net(torch.randn(3, 4))
+    assert len(runner.entries) == 2 and backend.captures == 2
+
+
+@torch.inference_mode()
+def test_moved_or_replaced_weights_drop_the_graphs():
+    pipe, net, runner, backend = _runner()
+    x = torch.randn(2, 4)
+    net(x), net(x)
+    assert runner.entries
+    net.lin.weight = torch.nn.Parameter(torch.randn(4, 4))  # a reload: new storage
+    accel.state_of(pipe).version += 1  # what lora_update / a reload announce
+    out = net(x)
+    assert torch.allclose(out["y"], net.lin(x) * 2)  # the new weights, not the captured ones
+    assert runner.stats["resets"] == 1
+
+
+@torch.inference_mode()
+def test_scale_argument_shares_one_graph_across_strengths():
+    pipe, net, runner, backend = _runner(scale_arg=(1, "scale"))
+    x = torch.randn(2, 4)
+    base = Net.forward.__get__(net)(x)
+    outs = {s: net(x, scale=s) for s in (1.0, 0.5, 0.25, 2.0)}
+    assert backend.captures == 1
+    for s, out in outs.items():
+        assert torch.allclose(out["y"], base["y"] * s)
+
+
+@torch.inference_mode()
+def test_one_family_policy_drops_graphs_of_another_kind_of_call():
+    pipe, net, runner, backend = _runner()
+    x = torch.randn(2, 4)
+    accel.begin_call(pipe, ("base", 1024))
+    net(x), net(x)
+    accel.begin_call(pipe, ("canny", 1024))  # default: every kind keeps its graphs
+    assert runner.entries
+    state = accel.state_of(pipe)
+    state.one_family = True  # a VRAM cap (hardware.vram_limit_gb)
+    accel.begin_call(pipe, ("canny", 1024))  # same kind: kept
+    assert runner.entries
+    accel.begin_call(pipe, ("base", 1024))  # another kind: its pool is given back first
+    assert not runner.entries and state.pool[0] is None
+    net(x), net(x)
+    assert runner.entries  # the new kind captures again
+
+
+@torch.inference_mode()
+def test_out_of_memory_gives_back_graphs_then_stops_capturing():
+    pipe, net, runner, backend = _runner()
+    x = torch.randn(2, 4)
+    assert accel.after_oom(pipe) is False  # nothing held: eager alone did not fit, nothing to retry
+    net(x), net(x)
+    assert accel.after_oom(pipe) is True
+    state = accel.state_of(pipe)
+    assert not runner.entries and state.one_family and not state.captures_off
+    net(x), net(x)  # one kind of call may still capture
+    assert runner.entries
+    assert accel.after_oom(pipe) is True  # struck again with one kind only
+    assert state.captures_off
+    for _ in range(3):
+        out = net(x)
+    assert not runner.entries and backend.captures == 2  # eager from now on
+    assert torch.allclose(out["y"], net.lin(x) * 2)
+
+
+class OomOnce(CpuGraphs):
+    """Replays fail once with CUDA's out-of-memory error, as a graph pool too many can make them."""
+
+    def __init__(self):
+        super().__init__()
+        self.fail = False
+
+    def replay(self, graph) -> None:
+        if self.fail:
+            self.fail = False
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        super().replay(graph)
+
+
+def test_engine_gives_back_graph_memory_and_retries_the_same_image(tmp_path, tiny_cache):
+    """The real tiny pipeline with its UNet under a GraphRunner: an out-of-memory error during a replay
+    drops the graphs and the call reruns, giving the image it would have given."""
+    import numpy as np
+
+    from mcp_sdxl.config import load_settings
+    from mcp_sdxl.engine import Engine, GenerationRequest
+    from tests.conftest import CONFIGS
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "tiny").symlink_to(tiny_cache, target_is_directory=True)
+    engine = Engine(load_settings(CONFIGS, home=home, profile="tiny"))
+    request = GenerationRequest(prompt="a boy on a beach", width=64, height=64, steps=3, cfg_scale=7.0, seed=3)
+    want = np.asarray(engine.generate(request).image)
+    backend = OomOnce()
+    unet = engine.pipe.unet
+    runner = accel.install_graphs(accel.state_of(engine.pipe), unet, unet.forward, name="unet", backend=backend)
+    assert np.array_equal(np.asarray(engine.generate(request).image), want)  # captured, replayed: same image
+    assert runner.entries and backend.replays >= 1
+    backend.fail = True
+    steps = []
+    again = engine.generate(request, on_step=lambda done, total: steps.append(done))
+    assert np.array_equal(np.asarray(again.image), want)
+    state = accel.state_of(engine.pipe)
+    assert state.one_family and not state.captures_off and runner.stats["resets"] == 1
+    assert steps[-1] == 3
+    # unloading after the retry frees the pipeline: nothing of the failed attempt keeps it alive
+    import gc
+    import weakref
+
+    gone = weakref.ref(engine.pipe.unet)
+    del unet, runner, state  # the test's own references (the runner holds the UNet's forward)
+    engine.unload()
+    gc.collect()
+    assert gone() is None
