@@ -71,6 +71,17 @@ async def _agent_flow(python: str, server_args: list[str], env: dict, photo: str
                 data = json.loads(text)
             except ValueError:
                 data = {"text": text}
+            # A call estimated past the client's time budget came back as a job: poll it, as an agent does.
+            while not result.is_error and data.get("job_id") and data.get("status") in ("queued", "running"):
+                await anyio.sleep(1.0)
+                polled = await client.call_tool("get_job", {"job_id": data["job_id"]})
+                text = polled.content[0].text if polled.content and polled.content[0].type == "text" else ""
+                info = json.loads(text) if not polled.is_error else {}
+                if polled.is_error or info.get("state") in ("failed", "cancelled"):
+                    result, text = polled, info.get("error") or text
+                    break
+                if info.get("state") == "done":
+                    data = info["result"]
             step = {"title": title, "tool": tool, "arguments": arguments, "error": text if result.is_error else None,
                     "data": data, "seconds": round(time.perf_counter() - started, 2)}
             steps.append(step)
