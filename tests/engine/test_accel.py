@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from mcp_sdxl.engine import accel
+from mcp_sdxl.engine import accel, cuda_graphs
 
 
 class CpuGraphs:
@@ -36,8 +36,8 @@ class CpuGraphs:
         self.replays += 1
         fresh = graph["fn"]()
         leaves_new, leaves_old = [], []
-        accel._flatten(fresh, leaves_new)
-        accel._flatten(graph["out"], leaves_old)
+        cuda_graphs._flatten(fresh, leaves_new)
+        cuda_graphs._flatten(graph["out"], leaves_old)
         for old, new in zip(leaves_old, leaves_new):
             old.copy_(new)
 

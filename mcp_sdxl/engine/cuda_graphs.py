@@ -1,0 +1,245 @@
+"""CUDA graphs for module forwards: capture once per input signature, replay after (the `cuda_graphs` lever).
+
+Eager SDXL is bound by the CPU launching ~2,000 small kernels per UNet step; a replay launches none. A
+GraphRunner stands in for a module's forward (UNet, text encoders, each ControlNet, the VAE decode): the
+first call of a signature runs eagerly, the second captures, later ones replay. Same kernels, same image.
+The memory policy (which graphs to keep, what to give back on out-of-memory) is in accel.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class Uncapturable(Exception):
+    pass
+
+
+def _flatten(obj, leaves: list):
+    """Structure (hashable) + tensor leaves of call arguments made of tensors, scalars, tuples, lists, dicts."""
+    if isinstance(obj, torch.Tensor):
+        leaves.append(obj)
+        return "T"
+    if isinstance(obj, (tuple, list)):
+        if type(obj) not in (tuple, list):
+            raise Uncapturable(f"unsupported sequence type {type(obj).__name__}")
+        return (type(obj) is tuple, tuple(_flatten(o, leaves) for o in obj))
+    if isinstance(obj, dict):  # plain dicts, and model outputs (diffusers BaseOutput, transformers ModelOutput)
+        if not all(isinstance(k, str) for k in obj):
+            raise Uncapturable("mapping with non-string keys")
+        kind = "dict" if type(obj) is dict else type(obj)
+        return ("dict", kind, tuple((k, _flatten(v, leaves)) for k, v in obj.items()))
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return ("V", type(obj).__name__, obj)
+    raise Uncapturable(f"unsupported argument type {type(obj).__name__}")
+
+
+def _unflatten(structure, leaves):
+    if structure == "T":
+        return next(leaves)
+    if structure[0] == "V":
+        return structure[2]
+    if structure[0] == "dict":
+        values = {k: _unflatten(v, leaves) for k, v in structure[2]}
+        return values if structure[1] == "dict" else structure[1](**values)
+    items = [_unflatten(s, leaves) for s in structure[1]]
+    return tuple(items) if structure[0] is True else items
+
+
+class CudaGraphBackend:
+    """torch.cuda graphs; tests substitute a CPU stand-in with the same four methods."""
+
+    def usable(self, tensors) -> bool:
+        return all(t.is_cuda for t in tensors) and not torch.cuda.is_current_stream_capturing()
+
+    def warm_up(self, fn):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+
+    def capture(self, fn, pool):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            out = fn()
+        return graph, out, graph.pool()
+
+    def replay(self, graph) -> None:
+        graph.replay()
+
+
+@dataclass
+class _Entry:
+    graph: Any
+    inputs: list  # static input tensors, in leaf order
+    output: Any
+    out_structure: Any
+    out_leaves: list
+
+
+class GraphRunner:
+    """Stands in for a module's forward: eager on a signature's first call, then one captured graph per signature.
+
+    A signature is the argument structure plus each tensor's shape, dtype and strides (scalars by value).
+    Replays copy the arguments into the graph's static inputs and return copies of its outputs. The weights'
+    addresses are checked before every replay (moved weights: graphs dropped); `lora_update` makes the runner
+    re-scan the module. With `scale_arg` (ControlNet's conditioning_scale) the graph runs at scale 1.0 and
+    the outputs are multiplied by the scale, so every strength shares one graph.
+    """
+
+    def __init__(self, module, fn: Callable, state, *, name: str, scale_arg=None,
+                 max_graphs: int = 8, backend=None):
+        self._module = weakref.ref(module)
+        self.fn = fn
+        self.state = state
+        self.name = name
+        self.scale_arg = scale_arg
+        self.max_graphs = max_graphs
+        self.backend = backend or CudaGraphBackend()
+        self.enabled = True
+        self.entries: dict = {}
+        self.seen: dict = {}
+        self.failed: set = set()
+        self.stats = {"eager": 0, "captures": 0, "replays": 0, "resets": 0, "capture_s": 0.0}
+        self._version = None
+        self._tensors: list = []
+        self._ptrs: list = []
+        self._lora_active = False
+        functools.update_wrapper(self, fn, updated=())
+
+    # -- bookkeeping
+    def reset(self) -> None:
+        if self.entries:
+            self.stats["resets"] += 1
+        self.entries.clear()
+        self.seen.clear()
+        self._ptrs = []
+        if not any(r.entries for r in self.state.runners):
+            # a pool whose graphs are all gone cannot be handed to a new capture: start a fresh one
+            self.state.pool[0] = None
+
+    def _rescan(self, module) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        from mcp_sdxl.engine.accel import _is_identity_lora
+
+        tensors = [p for n, p in module.named_parameters() if "lora_" not in n]
+        tensors += [b for n, b in module.named_buffers() if "lora_" not in n]
+        self._tensors = tensors
+        # an active, unfused adapter computes something a graph captured without it lacks (and vice versa)
+        self._lora_active = any(isinstance(m, BaseTunerLayer) and not _is_identity_lora(m) for m in module.modules())
+        self._version = self.state.version
+
+    def _weights_moved(self, module) -> bool:
+        if self._version != self.state.version:
+            before = (self._lora_active, [id(t) for t in self._tensors])
+            self._rescan(module)
+            if before != (self._lora_active, [id(t) for t in self._tensors]):
+                self.reset()
+        ptrs = [t.data_ptr() for t in self._tensors]
+        if ptrs != self._ptrs:
+            if self._ptrs:
+                self.reset()
+            self._ptrs = ptrs
+            return True
+        return False
+
+    # -- the call
+    def __call__(self, *args, **kwargs):
+        module = self._module()
+        if not self.enabled or module is None or torch.is_grad_enabled():
+            return self.fn(*args, **kwargs)
+        scale = None
+        call_args, call_kwargs = args, kwargs
+        if self.scale_arg is not None:
+            call_args, call_kwargs, scale = self._unit_scale(args, kwargs)
+            if scale is None:
+                return self.fn(*args, **kwargs)
+        leaves: list = []
+        try:
+            structure = _flatten((call_args, call_kwargs), leaves)
+        except Uncapturable:
+            return self.fn(*args, **kwargs)
+        if not self.backend.usable(leaves):
+            return self.fn(*args, **kwargs)
+        key = (structure, torch.is_inference_mode_enabled(),
+               tuple((tuple(t.shape), t.dtype, t.stride(), t.device) for t in leaves))
+        if key in self.failed:
+            return self.fn(*args, **kwargs)
+        self._weights_moved(module)
+        entry = self.entries.get(key)
+        if entry is None:
+            seen = self.seen[key] = self.seen.get(key, 0) + 1
+            if seen < 2 or len(self.entries) >= self.max_graphs or self.state.captures_off:
+                self.stats["eager"] += 1
+                return self.fn(*args, **kwargs)
+            entry = self._capture(key, structure, leaves)
+            if entry is None:
+                return self.fn(*args, **kwargs)
+        for static, value in zip(entry.inputs, leaves):
+            static.copy_(value)
+        self.backend.replay(entry.graph)
+        self.stats["replays"] += 1
+        if scale is None:
+            return _unflatten(entry.out_structure, iter([t.clone() for t in entry.out_leaves]))
+        return _unflatten(entry.out_structure, iter([t * scale for t in entry.out_leaves]))
+
+    def _unit_scale(self, args, kwargs):
+        index, name = self.scale_arg
+        if len(args) > index:
+            scale = args[index]
+            args = args[:index] + (1.0,) + args[index + 1 :]
+        elif name in kwargs:
+            scale = kwargs[name]
+            kwargs = {**kwargs, name: 1.0}
+        else:
+            scale = 1.0
+        if kwargs.get("guess_mode"):
+            return args, kwargs, None
+        return args, kwargs, (float(scale) if isinstance(scale, (int, float)) else None)
+
+    def _capture(self, key, structure, leaves):
+        started = time.perf_counter()
+        inputs = [torch.empty_like(t) for t in leaves]
+        for static, value in zip(inputs, leaves):
+            static.copy_(value)
+        args, kwargs = _unflatten(structure, iter(inputs))
+        try:
+            self.backend.warm_up(lambda: self.fn(*args, **kwargs))
+            graph, out, pool = self.backend.capture(lambda: self.fn(*args, **kwargs), self.state.pool[0])
+            out_leaves: list = []
+            out_structure = _flatten(out, out_leaves)
+        except Exception as exc:  # an op that cannot be captured: this signature stays eager
+            log.warning("%s: CUDA graph capture failed, running eagerly: %s: %s", self.name, type(exc).__name__, exc)
+            self.failed.add(key)
+            return None
+        if self.state.pool[0] is None:
+            self.state.pool[0] = pool
+        entry = _Entry(graph, inputs, out, out_structure, out_leaves)
+        self.entries[key] = entry
+        self.stats["captures"] += 1
+        self.stats["capture_s"] += time.perf_counter() - started
+        return entry
+
+
+def install_graphs(state, module, fn: Callable, *, name: str, scale_arg=None, backend=None,
+                   attr: str = "forward") -> GraphRunner:
+    runner = GraphRunner(module, fn, state, name=name, scale_arg=scale_arg, backend=backend)
+    setattr(module, attr, runner)
+    state.runners.append(runner)
+    return runner
+
+
+def graph_stats(pipe) -> dict:
+    state = getattr(pipe, "_mcp_accel", None)  # accel.STATE_ATTR
+    return {r.name: dict(r.stats) for r in state.runners} if state else {}
