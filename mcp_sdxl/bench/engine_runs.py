@@ -1,0 +1,288 @@
+"""The engine under test: lever variants, LoRA switching, lease-style release, cold starts in fresh processes."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mcp_sdxl.bench.assets import Assets
+from mcp_sdxl.bench.plan import (
+    NEGATIVE,
+    PROCESS_T0,
+    PROMPT,
+    SEED,
+    VARIANTS,
+    Plan,
+    Vram,
+    _free,
+    _sync,
+    compare,
+    log,
+    lora_set,
+    measure,
+    scenario_inputs,
+)
+from mcp_sdxl.bench.report import Report
+
+
+# ------------------------------------------------------------------------------------------------ engine
+def engine_settings(settings, assets: Assets, overrides: dict | None, vram_limit_gb: float | None = None):
+    from mcp_sdxl.config.models import ControlNetEntry, Performance
+
+    sdxl = settings.sdxl.model_copy(deep=True)
+    if vram_limit_gb is not None:  # the engine's own cap and graph-memory policy (hardware.vram_limit_gb)
+        sdxl.hardware.vram_limit_gb = vram_limit_gb
+    if assets.kind == "random":
+        sdxl.profile = "sdxl"
+        sdxl.model.base_model = str(assets.model_dir)
+        sdxl.model.variant = None
+        sdxl.model.vae = None
+    if overrides:
+        sdxl.performance = Performance(**{**sdxl.performance.model_dump(), **overrides})
+    controlnet = settings.controlnet.model_copy(deep=True)
+    if assets.kind != "tiny":
+        for kind, path in assets.controlnets.items():
+            controlnet.controlnets[kind] = ControlNetEntry(model=str(path))
+    return dataclasses.replace(settings, sdxl=sdxl, controlnet=controlnet)
+
+
+def engine_request(plan: Plan, assets: Assets, inputs: dict):
+    from mcp_sdxl.engine import ControlInput, GenerationRequest, LoraSpec
+
+    start, end = inputs.get("window", (0.0, 1.0))
+    return GenerationRequest(
+        prompt=PROMPT, negative_prompt=NEGATIVE, width=plan.width, height=plan.height, steps=plan.steps,
+        cfg_scale=plan.cfg, seed=SEED, scheduler="DPMSolverMultistepScheduler",
+        loras=[LoraSpec(f"bench:{a}", assets.loras[a], w) for a, w in inputs["loras"]],
+        controls=[ControlInput(kind=k, image=img, strength=s) for k, img, s in inputs["controls"]],
+        control_start=start, control_end=end,
+    )
+
+
+def run_engine_variant(settings, plan: Plan, assets: Assets, maps: dict, vram: Vram, report: Report,
+                       name: str, scenarios, overrides, ref_images: dict, main: bool) -> None:
+    from mcp_sdxl.engine import Engine, accel
+
+    out = report.data["engine"].setdefault(name, {})
+    v_settings = engine_settings(settings, assets, overrides, plan.vram_limit_gb)
+    out["performance"] = v_settings.sdxl.performance.model_dump()
+    cudnn_before = _cudnn_benchmark()
+    engine = Engine(v_settings)
+    try:
+        vram.reset()
+        out["load_s"] = round(engine.load(), 3)
+        out["resident"] = vram.now()
+        out["attention"] = engine.attention_backends()
+        out["levers_applied"] = dict(accel.state_of(engine.pipe).applied)
+        report.save()
+        todo = [s for s in ("base", "loras3") if s in scenarios]
+        if main and "loras3" in scenarios:
+            todo.append("lora_switch")
+        todo += [s for s in ("cn1", "cn2") if s in scenarios]
+        if main and "cn1" in scenarios and not plan.quick:
+            todo.append("cn1_window")
+        if main and "base" in scenarios and not plan.quick:
+            todo.append("base_callback")
+        for scenario in todo:
+            if plan.left() < 40:
+                out.setdefault("scenarios", {})[scenario] = {"skipped": "time budget"}
+                continue
+            try:
+                if scenario == "lora_switch":
+                    out["lora_switch"] = _lora_switch(engine, plan, assets)
+                    continue
+                callback = None
+                if scenario == "base_callback":  # the studio's kind of progress callback
+                    progress = []
+                    callback = lambda done, total: progress.append((done, time.perf_counter()))  # noqa: E731
+                inputs = scenario_inputs("base" if scenario == "base_callback" else scenario, assets, maps)
+                request = engine_request(plan, assets, inputs)
+
+                def once(request=request, callback=callback):
+                    output = engine.generate(request, on_step=callback)
+                    return output.image, output.timings
+
+                result = measure(plan, vram, once)
+                image = result.pop("_image")
+                ref_name = "base" if scenario == "base_callback" else scenario
+                ref = report.data["reference"].get(ref_name, {})
+                if ref_name == "loras3" and "loras3_fused" in ref_images:
+                    # diffusers' fuse_lora: the engine's arithmetic (fused weights); vs unfused peft for the record
+                    result["output_check"] = compare(image, ref_images["loras3_fused"])
+                    result["output_check_vs_unfused_reference"] = compare(image, ref_images["loras3"])
+                elif ref_name in ref_images:
+                    result["output_check"] = compare(image, ref_images[ref_name])
+                if isinstance(ref, dict) and ref.get("median_s"):
+                    result["speedup_vs_reference"] = round(ref["median_s"] / result["median_s"], 3)
+                out.setdefault("scenarios", {})[scenario] = result
+                if scenario == "base" and main:
+                    ref_images.setdefault("_engine_base", image)
+                log.info("engine %s %s: %.3f s/image", name, scenario, result["median_s"])
+            except Exception as exc:
+                out.setdefault("scenarios", {})[scenario] = {"error": report.error(f"engine/{name}/{scenario}", exc)}
+            report.save()
+        out["graphs"] = accel.graph_stats(engine.pipe) if engine.pipe is not None else {}
+        if engine.pipe is not None:
+            st = accel.state_of(engine.pipe)
+            out["graph_policy"] = {"one_family": st.one_family, "captures_off": st.captures_off}
+        if main and plan.left() > 60:
+            release = out["release"] = {}
+            try:
+                _release_cycle(engine, plan, assets, maps, vram, release)
+            except Exception as exc:
+                release["error"] = report.error(f"engine/{name}/release", exc)
+    except Exception as exc:
+        out["error"] = report.error(f"engine/{name}", exc)
+    finally:
+        with contextlib.suppress(Exception):
+            engine.unload()
+        del engine
+        _free()
+        _set_cudnn_benchmark(cudnn_before)
+        out["after_unload"] = vram.now()
+        report.save()
+
+
+def _cudnn_benchmark() -> bool:
+    import torch
+
+    return torch.backends.cudnn.benchmark
+
+
+def _set_cudnn_benchmark(value: bool) -> None:
+    import torch
+
+    torch.backends.cudnn.benchmark = value
+
+
+def _lora_switch(engine, plan: Plan, assets: Assets) -> dict:
+    """Switch character (weights change), then back, then change a weight: the engine's lora_s each time."""
+    from mcp_sdxl.engine import accel
+
+    out = {}
+    steps = [("switch_to_new_character_first_time", lora_set(assets, "char_b")),
+             ("switch_back_to_loaded_character", lora_set(assets, "char_a")),
+             ("change_character_weight", lora_set(assets, "char_a", 0.6)),
+             ("to_no_lora", []),
+             ("back_to_3_loras", lora_set(assets, "char_a"))]
+    if plan.quick:
+        steps = steps[:2]
+    for label, loras in steps:
+        request = engine_request(plan, assets, {"loras": loras, "controls": []})
+        _sync()
+        started = time.perf_counter()
+        output = engine.generate(request)
+        _sync()
+        out[label] = {"lora_s": output.timings.get("lora_s"), "image_s": round(time.perf_counter() - started, 4),
+                      "breakdown": dict(accel.state_of(engine.pipe).applied.get("last_lora_update_s", {}))}
+    return out
+
+
+def _release_cycle(engine, plan: Plan, assets: Assets, maps: dict, vram: Vram, out: dict) -> dict:
+    """Lease-style: offload to pinned CPU RAM and back (twice: the first allocates the pinned buffers),
+    unload and reload, with VRAM left after each release and the image checked against the one before.
+    Fills `out` as it goes, so a failure keeps what was measured before it."""
+    out["before"] = vram.now()
+    request = engine_request(plan, assets, scenario_inputs("base", assets, maps))
+    images = {}
+
+    def image_s(label):
+        _sync()
+        t0 = time.perf_counter()
+        images[label] = engine.generate(request).image
+        _sync()
+        return round(time.perf_counter() - t0, 4)
+
+    image_s("before")
+    for cycle in ("", "_again"):
+        out[f"offload{cycle}_s"] = round(engine.offload(), 3)
+        out[f"after_offload{cycle}"] = vram.now()
+        out[f"reacquire_from_cpu{cycle}_s"] = round(engine.load(), 3)
+        out[f"first_image_after_reacquire{cycle}_s"] = image_s(f"reacquire{cycle}")
+    out["second_image_after_reacquire_s"] = image_s("reacquire_2")
+    out["unload_s"] = round(engine.unload(), 3)
+    out["after_unload"] = vram.now()
+    out["reload_from_disk_s"] = round(engine.load(), 3)
+    out["first_image_after_reload_s"] = image_s("reload")
+    out["second_image_after_reload_s"] = image_s("reload_2")
+    out["same_image_after"] = {k: compare(images["before"], v)["identical"] for k, v in images.items() if k != "before"}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ cold start
+def run_cold_starts(args, settings, plan: Plan, assets: Assets, report: Report) -> None:
+    """Process start to first image, in fresh processes: eager default, and regional compile with a cold and
+    then a warm compile cache."""
+    out = report.data["cold_start"]
+    cache = plan.workdir / f"compile-cache-{os.getpid()}"
+    runs = [("default, cold compile cache", {}, cache), ("default, warm compile cache", {}, cache),
+            ("no-compile", VARIANTS["no-compile"], None)]
+    for label, overrides, cache_dir in runs:
+        if plan.left() < 90:
+            out[label] = {"skipped": "time budget"}
+            continue
+        perf = dict(overrides or {})
+        if cache_dir is not None:
+            perf["compile_cache_dir"] = str(cache_dir)
+        spec = {"config_dir": args.config_dir, "home": args.home, "models_root": args.models_root,
+                "profile": args.profile, "assets": {"kind": assets.kind, "model_dir": str(assets.model_dir),
+                                                    "controlnets": {k: str(v) for k, v in assets.controlnets.items()}},
+                "performance": perf, "width": plan.width, "height": plan.height, "steps": plan.steps, "cfg": plan.cfg}
+        env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+        started = time.time()
+        try:
+            proc = subprocess.run([sys.executable, "-m", "mcp_sdxl.bench", "--child", json.dumps(spec)],
+                                  capture_output=True, text=True, env=env,
+                                  timeout=max(60, min(400, plan.left() - 20)))
+            line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+            if proc.returncode != 0 or not line:
+                raise RuntimeError(f"child exited {proc.returncode}: {proc.stderr[-1500:]}")
+            child = json.loads(line[-1])
+            result = {k: round(v - started, 3) for k, v in child.pop("at").items()}
+            result.update(child)
+            result["process_start_to_first_image_s"] = result["first_image"]
+            out[label] = result
+            log.info("cold start %s: first image after %.1f s", label, result["first_image"])
+        except Exception as exc:
+            out[label] = {"error": report.error(f"cold_start/{label}", exc)}
+        report.save()
+
+
+def _child(spec_text: str) -> int:
+    """A cold-start run in its own process: import, build the engine, load, generate twice; print times."""
+    at = {}
+    at["python_started"] = PROCESS_T0
+    import torch  # noqa: F401
+
+    from mcp_sdxl.config import load_settings
+    from mcp_sdxl.engine import Engine
+
+    at["imported"] = time.time()
+    spec = json.loads(spec_text)
+    settings = load_settings(spec["config_dir"], spec["home"], spec["models_root"], spec["profile"])
+    a = spec["assets"]
+    assets = Assets(a["kind"], Path(a["model_dir"]) if a["model_dir"] != "None" else None, None, {},
+                    {k: Path(v) for k, v in a["controlnets"].items()})
+    settings = engine_settings(settings, assets, spec["performance"] or None)
+    engine = Engine(settings)
+    at["engine_created"] = time.time()
+    engine.load()
+    at["loaded"] = time.time()
+    plan = Plan("cuda", True, spec["width"], spec["height"], spec["steps"], spec["cfg"], 1, 0, False, [], None,
+                Path("."), None, False)
+    request = engine_request(plan, assets, {"loras": [], "controls": []})
+    first = engine.generate(request)
+    _sync()
+    at["first_image"] = time.time()
+    engine.generate(request)
+    _sync()
+    at["second_image"] = time.time()
+    print(json.dumps({"at": at, "first_timings": first.timings,
+                      "second_image_s": round(at["second_image"] - at["first_image"], 3)}))
+    return 0

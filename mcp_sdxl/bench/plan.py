@@ -1,0 +1,266 @@
+"""What the benchmark runs: constants, lever variants, the plan, scenarios, timing, memory and the output check."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import math
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from mcp_sdxl.bench.assets import Assets
+
+
+PROCESS_T0 = time.time()
+
+
+log = logging.getLogger("mcp_sdxl.bench")
+
+PROMPT = "portrait of a young explorer in a red scarf, seaside town at golden hour, detailed, cinematic lighting"
+NEGATIVE = "blurry, low quality, deformed hands"
+SEED = 1234
+LORA_RANK = 32
+# Output check: the engine's image against the reference's (same weights, seed, prompt embeddings path).
+# Pixel values 0-255. Two unrelated images differ by ~50-80 on average; fp16 rounding changes ~0-2.
+TOLERANCE = {"mean_abs_max": 2.0, "psnr_db_min": 30.0}
+
+# Engine variants: overrides of the `performance:` section ("default" = as configured).
+OFF = dict(channels_last=False, fuse_qkv=False, cuda_graphs=False, compile="off", strip_lora_wrappers=False,
+           vae_dtype="auto")
+VARIANTS: dict[str, dict | None] = {
+    "default": None,
+    "eager": dict(OFF),
+    "eager+strip": dict(OFF, strip_lora_wrappers=True),
+    "channels_last": dict(OFF, channels_last=True),
+    "cl+qkv": dict(OFF, channels_last=True, fuse_qkv=True),
+    "graphs": dict(OFF, cuda_graphs=True, strip_lora_wrappers=True),
+    "cl+graphs": dict(OFF, channels_last=True, cuda_graphs=True, strip_lora_wrappers=True),
+    "cl+qkv+graphs": dict(channels_last=True, fuse_qkv=True, cuda_graphs=True, compile="off", strip_lora_wrappers=True,
+                          vae_dtype="auto"),
+    "regional": dict(channels_last=True, fuse_qkv=True, cuda_graphs=False, compile="regional", strip_lora_wrappers=True),
+    "regional+graphs": dict(channels_last=True, fuse_qkv=True, cuda_graphs=True, compile="regional",
+                            strip_lora_wrappers=True, vae_dtype="auto"),
+    "full": dict(compile="full"),
+    "vae-bf16": dict(vae_dtype="bfloat16"),
+    "vae-fp32": dict(vae_dtype="auto"),
+    "no-compile": dict(compile="off"),
+    "qkv": dict(fuse_qkv=True),
+    "cudnn-bench": dict(cudnn_benchmark=True),
+}
+SCENARIOS = ("base", "loras3", "cn1", "cn2")
+DEFAULT_VARIANTS_CUDA = "default:all,no-compile:all,eager:base+loras3,graphs:base,vae-fp32:base"
+
+
+# ------------------------------------------------------------------------------------------------ plan
+@dataclass
+class Plan:
+    device: str
+    full: bool  # full-size SDXL on CUDA (else the tiny smoke test)
+    width: int
+    height: int
+    steps: int
+    cfg: float
+    repeats: int
+    warmups: int
+    quick: bool
+    variants: list  # [(name, scenarios tuple, overrides)]
+    budget_s: float | None
+    workdir: Path
+    vram_limit_gb: float | None
+    cold_start: bool
+
+    def left(self) -> float:
+        return math.inf if self.budget_s is None else self.budget_s - (time.time() - PROCESS_T0)
+
+
+def parse_variants(text: str) -> list:
+    out = []
+    for item in [v.strip() for v in text.split(",") if v.strip()]:
+        name, _, which = item.partition(":")
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+        scenarios = SCENARIOS if which in ("", "all") else tuple(which.split("+"))
+        unknown = [s for s in scenarios if s not in SCENARIOS]
+        if unknown:
+            raise SystemExit(f"unknown scenario(s) {unknown} in {item!r}; known: {', '.join(SCENARIOS)}")
+        out.append((name, scenarios, VARIANTS[name]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ memory
+class Vram:
+    """Peak VRAM per scenario: torch's allocator (allocated, reserved) and NVML's device memory in use."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.nvml = None
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread = None
+        if not cuda:
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            import torch
+
+            self.nvml = pynvml
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            self.baseline = self.used()
+            self._thread = threading.Thread(target=self._poll, daemon=True, name="bench-nvml")
+            self._thread.start()
+        except Exception as exc:  # no NVML: torch numbers only
+            log.warning("NVML unavailable (%s); VRAM from torch only", exc)
+            self.nvml = None
+
+    def used(self) -> int:
+        return self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used if self.nvml else 0
+
+    def process_used(self) -> int | None:
+        if not self.nvml:
+            return None
+        try:
+            for proc in self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle):
+                if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
+                    return proc.usedGpuMemory
+        except Exception:
+            return None
+        return None
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.02):
+            with contextlib.suppress(Exception):
+                self._peak = max(self._peak, self.used())
+
+    def reset(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._peak = self.used()
+
+    def peaks(self) -> dict:
+        if not self.cuda:
+            return {}
+        import torch
+
+        torch.cuda.synchronize()
+        out = {
+            "peak_allocated_gib": _gib(torch.cuda.max_memory_allocated()),
+            "peak_reserved_gib": _gib(torch.cuda.max_memory_reserved()),
+        }
+        if self.nvml:
+            self._peak = max(self._peak, self.used())
+            out["nvml_peak_used_gib"] = _gib(self._peak)
+            out["nvml_peak_minus_baseline_gib"] = _gib(self._peak - self.baseline)
+        return out
+
+    def now(self) -> dict:
+        if not self.cuda:
+            return {}
+        import torch
+
+        out = {"allocated_gib": _gib(torch.cuda.memory_allocated()), "reserved_gib": _gib(torch.cuda.memory_reserved())}
+        if self.nvml:
+            out["nvml_used_gib"] = _gib(self.used())
+            proc = self.process_used()
+            if proc is not None:
+                out["nvml_process_gib"] = _gib(proc)
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def _gib(n) -> float:
+    return round(n / 2**30, 3)
+
+
+def _free() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------------ scenarios
+def lora_set(assets: Assets, character: str = "char_a", char_weight: float = 0.8) -> list:
+    return [(character, char_weight), ("background", 0.6), ("style", 0.5)]
+
+
+def scenario_inputs(name: str, assets: Assets, maps: dict) -> dict:
+    """What a scenario asks for: LoRAs [(asset name, weight)], controls [(kind, image, strength)], window."""
+    if name == "base":
+        return {"loras": [], "controls": []}
+    if name == "loras3":
+        return {"loras": lora_set(assets), "controls": []}
+    if name == "cn1":
+        return {"loras": [], "controls": [("canny", maps["canny"], 1.0)]}
+    if name == "cn2":
+        return {"loras": [], "controls": [("canny", maps["canny"], 1.0), ("depth", maps["depth"], 0.7)]}
+    if name == "cn1_window":
+        return {"loras": [], "controls": [("canny", maps["canny"], 1.0)], "window": (0.0, 0.5)}
+    raise ValueError(name)
+
+
+def measure(plan: Plan, vram: Vram, run_once) -> dict:
+    """Warm-up(s) then repeats of `run_once()` -> (image, info); wall seconds with the GPU synchronised."""
+    vram.reset()
+    times, infos, images = [], [], []
+    first_s = None
+    for i in range(plan.warmups + plan.repeats):
+        _sync()
+        started = time.perf_counter()
+        image, info = run_once()
+        _sync()
+        took = time.perf_counter() - started
+        if first_s is None:
+            first_s = took
+        if i >= plan.warmups:
+            times.append(took)
+            infos.append(info)
+        images.append(image)
+    result = {"seconds": [round(t, 4) for t in times], "median_s": round(statistics.median(times), 4),
+              "first_call_s": round(first_s, 4), **vram.peaks()}
+    if infos and infos[0]:
+        keys = infos[0].keys()
+        result["timings_median"] = {k: round(statistics.median(i[k] for i in infos if k in i), 4) for k in keys}
+    result["repeat_identical"] = bool(np.array_equal(np.asarray(images[-1]), np.asarray(images[min(1, len(images) - 1)])))
+    result["after"] = vram.now()
+    pixels = np.asarray(images[-1], dtype=np.float32)
+    result["image_mean_std"] = [round(float(pixels.mean()), 2), round(float(pixels.std()), 2)]
+    result["_image"] = images[-1]
+    return result
+
+
+def compare(a, b) -> dict:
+    x = np.asarray(a, dtype=np.float32)
+    y = np.asarray(b, dtype=np.float32)
+    d = np.abs(x - y)
+    mse = float((d**2).mean())
+    psnr = math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    out = {"mean_abs": round(float(d.mean()), 4), "max_abs": float(d.max()), "p99_abs": float(np.percentile(d, 99)),
+           "frac_gt_8": round(float((d > 8).mean()), 5), "psnr_db": round(psnr, 2) if math.isfinite(psnr) else "inf",
+           "identical": mse == 0}
+    out["pass"] = out["mean_abs"] <= TOLERANCE["mean_abs_max"] and (not math.isfinite(psnr) or psnr >= TOLERANCE["psnr_db_min"])
+    return out
