@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--vram-limit-gb", type=float, default=None)
     bench.add_argument("--quick", action="store_true", help="fewer scenarios (smoke test)")
-    bench.add_argument("--variants", help="engine lever variants, e.g. 'default:all,eager:base+loras3' (see mcp_sdxl/bench.py)")
+    bench.add_argument("--variants", help="engine lever variants, e.g. 'default:all,eager:base+loras3' (see mcp_sdxl/bench/plan.py)")
     bench.add_argument("--budget-s", type=float, default=None, help="stop starting new measurements after this many seconds")
     bench.add_argument("--workdir", help="where random weights and LoRAs are built (default <home>/bench)")
     bench.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process start-up measurements")
