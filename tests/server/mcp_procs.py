@@ -214,3 +214,35 @@ async def poll_job(client, job_id: str, until=("done", "failed", "cancelled"), t
             if info["state"] in until:
                 return info, result
             await anyio.sleep(every)
+
+
+async def cancel_after_progress(client, arguments: dict, find_job, at: int = 3) -> tuple[float, float, dict]:
+    """Call generate_character(arguments) with a progress callback and cancel the client's call (its
+    task's cancel scope, as a client does when the user stops it) once `at` steps were reported.
+
+    `find_job()` (async) names the job behind the call while it runs. Returns (the last progress the client
+    saw, perf_counter() at the cancel, that job)."""
+    import anyio
+
+    progressed, seen = anyio.Event(), []
+
+    async def on_progress(progress, total, message):
+        seen.append(progress)
+        if progress >= at:
+            progressed.set()
+
+    async with anyio.create_task_group() as tg:
+        scope = anyio.CancelScope()
+
+        async def call():
+            with scope:
+                result = await client.call_tool("generate_character", arguments, progress_callback=on_progress)
+                raise AssertionError(f"the call should have been cancelled: {text_of(result)}")
+
+        tg.start_soon(call)
+        with anyio.fail_after(60):
+            await progressed.wait()
+        running = await find_job()
+        cancelled_at = time.perf_counter()
+        scope.cancel()
+    return seen[-1], cancelled_at, running

@@ -9,7 +9,7 @@ import time
 import anyio
 import pytest
 from mcp import Client
-from mcp_procs import assert_store_consistent, configure, poll_job, small, text_of, wire_size
+from mcp_procs import assert_store_consistent, cancel_after_progress, configure, poll_job, small, text_of, wire_size
 
 from mcp_sdxl.errors import BusyError, CancelledError, NotFoundError
 from mcp_sdxl.server import build_server
@@ -124,33 +124,15 @@ async def test_progress_cancel_and_next_call(jobs_studio):
         assert len(kept) == 2
 
         # Cancel the client's call mid-generation (2 candidates x 100 steps at 256 px: seconds of work).
-        started = anyio.Event()
-        seen: list[float] = []
+        async def running_job():
+            return studio.jobs.snapshot()["running"]
 
-        async def on_progress2(progress, total, message):
-            seen.append(progress)
-            if progress >= 3:
-                started.set()
-
-        async with anyio.create_task_group() as tg:
-            scope = anyio.CancelScope()
-
-            async def call():
-                with scope:
-                    await client.call_tool("generate_character", small(steps=100, width=256, height=256,
-                                                                       num_candidates=2), progress_callback=on_progress2)
-                    raise AssertionError("the call should have been cancelled")
-
-            tg.start_soon(call)
-            with anyio.fail_after(60):
-                await started.wait()
-            running = studio.jobs.snapshot()["running"]
-            cancelled_at = time.perf_counter()
-            scope.cancel()
+        seen_at_cancel, cancelled_at, running = await cancel_after_progress(
+            client, small(steps=100, width=256, height=256, num_candidates=2), running_job)
         job = studio.jobs.get(running["job_id"])
         assert await anyio.to_thread.run_sync(job.finished.wait, 30)
         latency = time.perf_counter() - cancelled_at
-        steps_after = job.progress.done - seen[-1]
+        steps_after = job.progress.done - seen_at_cancel
         assert job.state == "cancelled", (job.state, job.error)
         assert steps_after <= 2, f"{steps_after} steps ran after the cancel"
         assert latency < 5, latency

@@ -13,6 +13,7 @@ import httpx2
 import psutil
 import pytest
 from mcp_procs import (
+    cancel_after_progress,
     REPO,
     HttpServer,
     assert_store_consistent,
@@ -94,31 +95,14 @@ async def test_progress_cancel_and_next_call_over_http(http_server):
         kept = assert_store_consistent(output)
         assert len(kept) == len(before) + 3
 
-        progressed, seen = anyio.Event(), []
+        async def running_job():
+            return (await client.call_tool("gpu_status", {})).structured_content["queue"]["running"]
 
-        async def on_progress2(progress, total, message):
-            seen.append(progress)
-            if progress >= 3:
-                progressed.set()
-
-        async with anyio.create_task_group() as tg:
-            scope = anyio.CancelScope()
-
-            async def call():
-                with scope:
-                    result = await client.call_tool("generate_character", LONG, progress_callback=on_progress2)
-                    raise AssertionError(f"the call should have been cancelled: {text_of(result)}")
-
-            tg.start_soon(call)
-            with anyio.fail_after(60):
-                await progressed.wait()
-            running = (await client.call_tool("gpu_status", {})).structured_content["queue"]["running"]
-            scope.cancel()
-            cancelled_at = time.perf_counter()
+        seen_at_cancel, cancelled_at, running = await cancel_after_progress(client, LONG, running_job)
         info, _ = await poll_job(client, running["job_id"], until=("cancelled", "done", "failed"), every=0.01)
         stop_s = time.perf_counter() - cancelled_at
         assert info["state"] == "cancelled", info
-        assert info["progress"]["done"] - seen[-1] <= 2
+        assert info["progress"]["done"] - seen_at_cancel <= 2
         t0 = time.perf_counter()
         result = await client.call_tool("generate_character", small(seed=41))
         assert not result.is_error, text_of(result)

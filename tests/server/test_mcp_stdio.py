@@ -8,7 +8,7 @@ import time
 import anyio
 import pytest
 from mcp import Client
-from mcp_procs import assert_store_consistent, configure, poll_job, small, stdio_params, text_of, wire_size
+from mcp_procs import assert_store_consistent, cancel_after_progress, configure, poll_job, small, stdio_params, text_of, wire_size
 
 pytestmark = pytest.mark.anyio
 
@@ -52,29 +52,8 @@ async def test_progress_and_cancel_over_stdio(home, config_dir):
         assert len(kept) == 4
 
         # Cancel the call from the client side once it is a few steps in.
-        progressed = anyio.Event()
-        last_seen: list[float] = []
-
-        async def on_progress2(progress, total, message):
-            last_seen.append(progress)
-            if progress >= 3:
-                progressed.set()
-
-        async with anyio.create_task_group() as tg:
-            scope = anyio.CancelScope()
-
-            async def call():
-                with scope:
-                    result = await client.call_tool("generate_character", LONG, progress_callback=on_progress2)
-                    raise AssertionError(f"the call should have been cancelled: {text_of(result)}")
-
-            tg.start_soon(call)
-            with anyio.fail_after(60):
-                await progressed.wait()
-            running = await _wait_running(client)  # the job behind the call (a second request, concurrently)
-            scope.cancel()
-            cancelled_at = time.perf_counter()
-        seen_at_cancel = last_seen[-1]
+        seen_at_cancel, cancelled_at, running = await cancel_after_progress(
+            client, LONG, lambda: _wait_running(client))  # the job behind the call (a second request, concurrently)
         info, _ = await poll_job(client, running["job_id"], until=("cancelled", "done", "failed"), every=0.01)
         engine_free_s = time.perf_counter() - cancelled_at
         assert info["state"] == "cancelled", info
