@@ -36,8 +36,8 @@ class Hardware(Strict):
     enable_cpu_offload: bool = False
     enable_sequential_cpu_offload: bool = False
     # Cap on this process's GPU memory (torch allocator), e.g. 15.5 for a 16 GB card shared with nothing
-    # else. Under a cap, CUDA graphs are kept for one kind of call at a time (their memory pool is freed
-    # when the call's shape, ControlNets or size change). None: no cap, graphs for every kind are kept.
+    # else. Under a cap (and on any card under 24 GiB) CUDA graphs are kept for one kind of call at a time
+    # (their memory pool is freed when the call's size or ControlNets change). None: no cap.
     vram_limit_gb: float | None = Field(None, gt=0, le=1024)
 
 

@@ -76,11 +76,11 @@ def state_of(pipe) -> AccelState:
 
 # ---------------------------------------------------------------------------------------------- entry points
 def optimize_pipeline(pipe, performance, device: torch.device, cache_root: Path | None = None,
-                      vram_limit_gb: float | None = None) -> AccelState:
+                      one_family: bool = False) -> AccelState:
     """Apply the configured levers to a freshly loaded pipeline. On the CPU nothing changes."""
     state = state_of(pipe)
     state.performance, state.device = performance, torch.device(device)
-    state.one_family = vram_limit_gb is not None
+    state.one_family = one_family  # tight memory: keep the CUDA graphs of one kind of call only
     if state.device.type != "cuda":
         return state
     applied = state.applied

@@ -165,6 +165,16 @@ class Engine:
         modules += [wrapper for _, _, wrapper in accel.state_of(self.pipe).stripped]
         return modules
 
+    def _memory_is_tight(self) -> bool:
+        """A VRAM cap, or a card under 24 GiB: SDXL with two ControlNets plus every kind of call's CUDA graphs
+        reached 18 GiB reserved on an H200, so small cards keep one kind's graphs at a time."""
+        if self.settings.sdxl.hardware.vram_limit_gb is not None:
+            return True
+        if self.device.type != "cuda":
+            return False
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_properties(index).total_memory < 24 * 2**30
+
     def offload(self) -> float:
         """Move weights to pinned CPU RAM (fast to bring back) and free the GPU."""
         with self._lock:
@@ -225,7 +235,7 @@ class Engine:
         from mcp_sdxl.engine.accel import optimize_pipeline
 
         optimize_pipeline(pipe, cfg.performance, self.device, cache_root=self.settings.home,
-                          vram_limit_gb=cfg.hardware.vram_limit_gb)
+                          one_family=self._memory_is_tight())
         return pipe
 
     # ------------------------------------------------------------------ generation
