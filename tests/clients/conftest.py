@@ -55,7 +55,7 @@ def shared_http_server(tmp_path_factory, tiny_cache):
     client finds the engine loaded (each flow is self-contained; state they share is harmless)."""
     import shutil
 
-    import yaml
+    from mcp_procs import configure
 
     from mcp_sdxl.config import load_settings
 
@@ -65,9 +65,7 @@ def shared_http_server(tmp_path_factory, tiny_cache):
     (home / "tiny").symlink_to(tiny_cache, target_is_directory=True)
     config_dir = root / "configs"
     shutil.copytree(REPO / "configs", config_dir)
-    lease = yaml.safe_load((config_dir / "lease.yaml").read_text())
-    lease["runtime_dir"] = str(root / "runtime")  # never the machine's real lease folder
-    (config_dir / "lease.yaml").write_text(yaml.safe_dump(lease, sort_keys=False))
+    configure(config_dir, lease={"runtime_dir": str(root / "runtime")})  # never the machine's real lease folder
     settings = load_settings(config_dir, home=home, profile="tiny")
     put_photos(settings.input_dirs[0], _package_file("skimage", "data", "astronaut.png"))
     server = HttpServer(home, config_dir, token=HTTP_TOKEN).start()

@@ -88,7 +88,7 @@ class HttpServer:
     def pid(self) -> int:
         return self.proc.pid
 
-    def start(self, timeout: float = 90) -> None:
+    def start(self, timeout: float = 90) -> HttpServer:
         extra = ["--http", self.http] + (["--token", self.token] if self.token else [])
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen([sys.executable, *serve_args(self.home, self.config_dir, *extra)],
@@ -99,7 +99,7 @@ class HttpServer:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited {self.proc.returncode}:\n{self.log()}")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                return
+                return self
             time.sleep(0.1)
         raise AssertionError(f"server did not listen within {timeout} s:\n{self.log()}")
 
