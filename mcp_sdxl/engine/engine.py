@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -195,6 +196,11 @@ class Engine:
             self.pipe = self.loras = self._compel = None
             self.controlnets.clear()
             self.state = "unloaded"
+            # pyparsing's packrat cache (switched on process-wide by matplotlib, which mediapipe imports)
+            # keeps compel's parse exceptions, whose tracebacks hold generate()'s frame and so the pipeline.
+            pyparsing = sys.modules.get("pyparsing")
+            if pyparsing is not None:
+                pyparsing.ParserElement.reset_cache()
             gc.collect()
             _free_cuda()
             return time.perf_counter() - start

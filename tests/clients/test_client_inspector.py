@@ -43,7 +43,8 @@ class Inspector:
         self.config = config
 
     def run(self, *options: str, timeout: float = 180):
-        cmd = [*self.prefix, "--cli", "--format", "json", *options]
+        # the Inspector gives up connecting after 15 s by default; a server on a loaded 2-core machine takes ~11 s
+        cmd = [*self.prefix, "--cli", "--format", "json", "--connect-timeout", "120000", *options]
         if self.url:
             cmd += ["--server-url", self.url, "--transport", "http"]
             for header in self.headers:
