@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from client_flow import put_photos
-from client_procs import HTTP_TOKEN, INSPECTOR, NODE, QWEN_PYTHON, REPO, SETUP_HINT, HttpServer
+from client_procs import HTTP_TOKEN, INSPECTOR, NODE, QWEN_PYTHON, SETUP_HINT, HttpServer
 
 
 @pytest.fixture(scope="session")
@@ -53,19 +53,11 @@ def client_home(home, settings) -> Path:
 def shared_http_server(tmp_path_factory, tiny_cache):
     """One `serve --http` (bearer token HTTP_TOKEN) for the HTTP clients of the session: the second
     client finds the engine loaded (each flow is self-contained; state they share is harmless)."""
-    import shutil
-
-    from mcp_procs import configure
+    from mcp_procs import private_home
 
     from mcp_sdxl.config import load_settings
 
-    root = tmp_path_factory.mktemp("http-clients")
-    home = root / "home"
-    home.mkdir()
-    (home / "tiny").symlink_to(tiny_cache, target_is_directory=True)
-    config_dir = root / "configs"
-    shutil.copytree(REPO / "configs", config_dir)
-    configure(config_dir, lease={"runtime_dir": str(root / "runtime")})  # never the machine's real lease folder
+    home, config_dir = private_home(tmp_path_factory.mktemp("http-clients"), tiny_cache)
     settings = load_settings(config_dir, home=home, profile="tiny")
     put_photos(settings.input_dirs[0], _package_file("skimage", "data", "astronaut.png"))
     server = HttpServer(home, config_dir, token=HTTP_TOKEN).start()

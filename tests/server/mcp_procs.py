@@ -44,6 +44,20 @@ def configure(config_dir: Path, **sections: dict) -> None:
     assert not sections, f"unknown config sections {sorted(sections)}"
 
 
+def private_home(root: Path, tiny_cache: Path) -> tuple[Path, Path]:
+    """Under `root`: a data home linked to the session's tiny build, and a copy of configs/ whose lease
+    folder is private (never the machine's real one). Returns (home, config_dir)."""
+    import shutil
+
+    home = root / "home"
+    home.mkdir()
+    (home / "tiny").symlink_to(tiny_cache, target_is_directory=True)
+    config_dir = root / "configs"
+    shutil.copytree(REPO / "configs", config_dir)
+    configure(config_dir, lease={"runtime_dir": str(root / "runtime")})
+    return home, config_dir
+
+
 def server_env(home: Path, **extra: str) -> dict[str, str]:
     """What a client must pass explicitly (stdio children inherit almost nothing). One OpenMP thread:
     on a busy 2-core machine the default spinning threads made the tiny engine 10-40x slower."""

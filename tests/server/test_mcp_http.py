@@ -5,7 +5,6 @@ client: bearer token and loopback binding, progress, cancel, jobs that outlive t
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
 import anyio
@@ -13,8 +12,8 @@ import httpx2
 import psutil
 import pytest
 from mcp_procs import (
+    private_home,
     cancel_after_progress,
-    REPO,
     HttpServer,
     assert_store_consistent,
     configure,
@@ -33,14 +32,8 @@ LONG = small(steps=100, width=256, height=256, num_candidates=2)
 
 @pytest.fixture(scope="module")
 def http_server(tmp_path_factory, tiny_cache):
-    root = tmp_path_factory.mktemp("http")
-    home = root / "home"
-    home.mkdir()
-    (home / "tiny").symlink_to(tiny_cache, target_is_directory=True)
-    config_dir = root / "configs"
-    shutil.copytree(REPO / "configs", config_dir)
-    configure(config_dir, lease={"runtime_dir": str(root / "runtime")},
-              server={"queue_limit": 3, "job_budget_s": 1e6, "max_result_bytes": 1_048_576})
+    home, config_dir = private_home(tmp_path_factory.mktemp("http"), tiny_cache)
+    configure(config_dir, server={"queue_limit": 3, "job_budget_s": 1e6, "max_result_bytes": 1_048_576})
     # No host in --http: it must bind the loopback address. The token comes from the environment.
     port_server = HttpServer(home, config_dir, env=server_env(home, MCP_SDXL_TOKEN=TOKEN))
     port_server.http = f":{port_server.port}"
