@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 from mcp_sdxl.bench.assets import Assets
@@ -206,13 +207,56 @@ def _release_cycle(engine, plan: Plan, assets: Assets, maps: dict, vram: Vram, o
         out[f"reacquire_from_cpu{cycle}_s"] = round(engine.load(), 3)
         out[f"first_image_after_reacquire{cycle}_s"] = image_s(f"reacquire{cycle}")
     out["second_image_after_reacquire_s"] = image_s("reacquire_2")
+    unet = weakref.ref(engine.pipe.unet)
     out["unload_s"] = round(engine.unload(), 3)
     out["after_unload"] = vram.now()
+    if unet() is not None:  # the engine let go of it, something else did not: say what (a leak diagnosis)
+        out["unet_still_referenced_by"] = referrer_chains(unet())
     out["reload_from_disk_s"] = round(engine.load(), 3)
     out["first_image_after_reload_s"] = image_s("reload")
     out["second_image_after_reload_s"] = image_s("reload_2")
     out["same_image_after"] = {k: compare(images["before"], v)["identical"] for k, v in images.items() if k != "before"}
     return out
+
+
+def referrer_chains(obj, depth: int = 5, limit: int = 12) -> list[str]:
+    """Chains of what refers to `obj` (type names; attribute or key names where found), up to `depth`."""
+    import gc
+    import types
+
+    mine: set[int] = set()
+    chains: list[str] = []
+
+    def label(ref, child) -> str:
+        if isinstance(ref, dict):
+            keys = [k for k, v in ref.items() if v is child][:2]
+            return f"dict{keys}"
+        if isinstance(ref, types.FrameType):
+            return f"frame {ref.f_code.co_name} ({Path(ref.f_code.co_filename).name}:{ref.f_lineno})"
+        return type(ref).__qualname__
+
+    def walk(node, path: list[str], left: int) -> None:
+        if len(chains) >= limit:
+            return
+        refs = [r for r in gc.get_referrers(node) if id(r) not in mine and r is not path and not (
+            isinstance(r, types.FrameType) and r.f_code.co_name in ("walk", "referrer_chains"))]
+        mine.add(id(refs))
+        if not refs or left == 0:
+            chains.append(" <- ".join(path))
+            return
+        for i in range(min(3, len(refs))):
+            ref = refs[i]
+            if isinstance(ref, types.ModuleType):
+                chains.append(" <- ".join(path + [f"module {ref.__name__}"]))
+                continue
+            step = path + [label(ref, node)]
+            mine.add(id(step))
+            walk(ref, step, left - 1)
+
+    start = [type(obj).__qualname__]
+    mine.add(id(start))
+    walk(obj, start, depth)
+    return chains
 
 
 # ------------------------------------------------------------------------------------------------ cold start

@@ -6,6 +6,8 @@ Callers (mcp_sdxl.studio) decide when it may hold the GPU and where images go.
 
 from __future__ import annotations
 
+import copy
+import functools
 import gc
 import logging
 import sys
@@ -23,7 +25,7 @@ from mcp_sdxl.engine import accel
 from mcp_sdxl.engine import controlnet as cn
 from mcp_sdxl.engine.loading import WeightSource, load_sdxl_pipeline, own_memory, resolve_source
 from mcp_sdxl.engine.lora import LoraManager, LoraSpec
-from mcp_sdxl.engine.residency import HostCopy
+from mcp_sdxl.engine.residency import HostCopy, drop_storage
 from mcp_sdxl.errors import CancelledError, ConfigError, UserInputError
 
 log = logging.getLogger(__name__)
@@ -192,6 +194,7 @@ class Engine:
         with self._lock:
             start = time.perf_counter()
             accel.release(self.pipe)
+            modules = self._weight_modules() if self.pipe is not None else []
             self._host.clear()
             self.pipe = self.loras = self._compel = None
             self.controlnets.clear()
@@ -202,6 +205,10 @@ class Engine:
             if pyparsing is not None:
                 pyparsing.ParserElement.reset_cache()
             gc.collect()
+            # whatever may still reference a module (seen on an H200: 11.8 GiB still allocated after an
+            # unload that followed an out-of-memory retry), its weights' memory goes now
+            drop_storage(modules)
+            del modules
             _free_cuda()
             return time.perf_counter() - start
 
@@ -327,6 +334,10 @@ class Engine:
 
         if self._compel is None:
             self._compel = CompelForSDXL(self.pipe, device=self.device)
+            # compel parses each string once per text encoder with a fresh pyparsing grammar (~60 ms for a
+            # 100-character prompt, 0.25 s of every SDXL call): parse each distinct string once
+            for inner in (self._compel.compel_1, self._compel.compel_2):
+                inner.parse_prompt_string = parse_prompt
         with torch.inference_mode():
             c = self._compel(prompt, negative_prompt=negative_prompt)
         return {
@@ -373,6 +384,18 @@ class Engine:
             "text_encoder": [self.pipe.text_encoder.config._attn_implementation],
             "text_encoder_2": [self.pipe.text_encoder_2.config._attn_implementation],
         }
+
+
+@functools.lru_cache(maxsize=512)
+def _parse_prompt_cached(text: str):
+    from compel import Compel
+
+    return Compel.parse_prompt_string(text)
+
+
+def parse_prompt(text: str):
+    """compel's parse of a prompt string (its Conjunction), memoised; a copy, so no caller changes the cache."""
+    return copy.deepcopy(_parse_prompt_cached(text))
 
 
 def _pick_device(choice: str) -> torch.device:

@@ -216,6 +216,41 @@ def test_hub_id_missing_from_the_cache_is_reported_not_downloaded(module_home, t
     assert Engine(auto).profile == "tiny"  # auto falls back to the built-in engine
 
 
+# ---------------------------------------------------------------------------------------- prompts
+@pytest.mark.parametrize("prompt", [
+    "a boy on a beach, red scarf",
+    "a boy on a beach, (red scarf)1.4, sea--",
+    '("a boy on a beach", "a lighthouse").blend(0.7, 0.3)',
+    "",
+])
+def test_prompt_parse_cache_gives_compels_own_embeddings(engine, prompt):
+    """The engine parses each prompt string once (compel re-parses it per text encoder, ~60 ms each):
+    the embeddings are exactly those of an uncached compel, and weighting syntax still weighs."""
+    from compel import CompelForSDXL
+
+    engine.load()
+    fresh = CompelForSDXL(engine.pipe, device=engine.device)
+    with torch.inference_mode():
+        want = fresh(prompt, negative_prompt="blurry")
+    for _ in range(2):  # the second call is served from the cache
+        got = engine._encode(prompt, "blurry")
+        assert torch.equal(got["prompt_embeds"], want.embeds)
+        assert torch.equal(got["pooled_prompt_embeds"], want.pooled_embeds)
+        assert torch.equal(got["negative_prompt_embeds"], want.negative_embeds)
+    plain = engine._encode("a boy on a beach, red scarf", "blurry")["prompt_embeds"]
+    if "(" in prompt:
+        assert not torch.equal(got["prompt_embeds"][:, : plain.shape[1]], plain)
+
+
+def test_parsed_prompts_are_copies():
+    from mcp_sdxl.engine.engine import parse_prompt
+
+    first = parse_prompt("a (red)1.3 scarf")
+    first.prompts.clear()  # a caller changing what it got does not change what the next caller gets
+    again = parse_prompt("a (red)1.3 scarf")
+    assert again.prompts and [f.weight for f in again.prompts[0].children] == [1.0, 1.3, 1.0]
+
+
 # ---------------------------------------------------------------------------------------- residency
 def test_unload_frees_everything_and_reload_gives_the_same_image(module_home, reference):
     engine = Engine(tiny_settings(module_home))
@@ -231,6 +266,11 @@ def test_unload_frees_everything_and_reload_gives_the_same_image(module_home, re
     engine.unload()  # twice is harmless
     assert np.array_equal(pixels(engine), reference)  # loads again on demand
     assert engine.state == "ready"
+    # a module someone else still holds (a traceback, a caller) keeps no weights after an unload
+    held = engine.pipe.unet
+    engine.unload()
+    assert sum(p.numel() for p in held.parameters()) == 0
+    assert np.array_equal(pixels(engine), reference)
 
 
 def test_estimate_learns_from_runs(module_home):
