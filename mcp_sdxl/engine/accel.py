@@ -9,9 +9,10 @@
   reload) or change shape invalidate the graphs; LoRAs fused in place do not. Which graphs are kept is the
   memory policy here: every kind of call's by default, one kind's under a VRAM cap or after an
   out-of-memory error (begin_call, after_oom).
-- compile: "regional" compiles the repeated transformer blocks (a short first-call compile), "full" the whole
-  UNet forward (several minutes on the first call unless the on-disk caches are warm). The inductor and
-  Triton caches live under the data home (`compile_cache_dir`), so later starts reuse the compiled code.
+- compile: "regional" compiles the repeated transformer blocks of the UNet and of each ControlNet (a short
+  first-call compile; the ControlNets' blocks reuse the UNet's compiled code), "full" the whole UNet
+  forward (several minutes on the first call unless the on-disk caches are warm). The inductor and Triton
+  caches live under the data home (`compile_cache_dir`), so later starts reuse the compiled code.
 - vae_dtype: the SDXL VAE's config asks for a float32 decode (it overflows in float16); "bfloat16" decodes in
   bf16 (float32's range), "float16" suits the fp16-fix VAE only.
 - strip_lora_wrappers: after the active LoRAs are fused, peft's wrapper layers compute nothing but their base
@@ -137,6 +138,12 @@ def optimize_controlnet(pipe, model: torch.nn.Module, performance, device: torch
         return
     if performance.channels_last:
         model.to(memory_format=torch.channels_last)
+    if performance.compile != "off" and not getattr(model, "_mcp_compiled", False):
+        # the ControlNet's transformer blocks have the UNet's shapes: dynamo reuses the UNet's compiled code
+        blocks = [m for m in model.modules() if m.__class__.__name__ in getattr(pipe.unet, "_repeated_blocks", ())]
+        for block in blocks:
+            block.compile(dynamic=False)
+        model._mcp_compiled = True
     if getattr(performance, "cuda_graphs", False) and not isinstance(getattr(model, "forward", None), GraphRunner):
         # conditioning_scale only multiplies the outputs: the graph runs at 1.0, the scale is applied after it,
         # so one graph serves every strength.
