@@ -219,13 +219,13 @@ def _release_cycle(engine, plan: Plan, assets: Assets, maps: dict, vram: Vram, o
     return out
 
 
-def referrer_chains(obj, depth: int = 5, limit: int = 12) -> list[str]:
-    """Chains of what refers to `obj` (type names; attribute or key names where found), up to `depth`."""
+def referrer_chains(obj, max_nodes: int = 400, limit: int = 8, seconds: float = 20.0) -> list[str]:
+    """Paths from `obj` to what keeps it alive (a leak diagnosis): breadth-first over gc referrers, each
+    object visited once (cycles cost nothing), ending at roots: running frames, module globals, objects of
+    torch's compiler packages (dynamo / inductor caches), or objects nothing visible to gc refers to."""
     import gc
     import types
-
-    mine: set[int] = set()
-    chains: list[str] = []
+    from collections import deque
 
     def label(ref, child) -> str:
         if isinstance(ref, dict):
@@ -233,29 +233,51 @@ def referrer_chains(obj, depth: int = 5, limit: int = 12) -> list[str]:
             return f"dict{keys}"
         if isinstance(ref, types.FrameType):
             return f"frame {ref.f_code.co_name} ({Path(ref.f_code.co_filename).name}:{ref.f_lineno})"
-        return type(ref).__qualname__
+        return f"{type(ref).__module__}.{type(ref).__qualname__}"
 
-    def walk(node, path: list[str], left: int) -> None:
-        if len(chains) >= limit:
-            return
-        refs = [r for r in gc.get_referrers(node) if id(r) not in mine and r is not path and not (
-            isinstance(r, types.FrameType) and r.f_code.co_name in ("walk", "referrer_chains"))]
-        mine.add(id(refs))
-        if not refs or left == 0:
-            chains.append(" <- ".join(path))
-            return
-        for i in range(min(3, len(refs))):
-            ref = refs[i]
-            if isinstance(ref, types.ModuleType):
-                chains.append(" <- ".join(path + [f"module {ref.__name__}"]))
+    running = set()  # frames on some thread's stack; other frames live on through a traceback or generator
+    for frame in sys._current_frames().values():
+        while frame is not None:
+            running.add(id(frame))
+            frame = frame.f_back
+
+    def is_root(ref) -> bool:
+        if isinstance(ref, types.FrameType):
+            return id(ref) in running
+        if isinstance(ref, types.ModuleType):
+            return True
+        if isinstance(ref, dict) and "__name__" in ref and "__builtins__" in ref:
+            return True  # a module's globals
+        return type(ref).__module__.startswith(("torch._dynamo", "torch._inductor", "torch.fx"))
+
+    here = {id(sys._getframe())}
+    seen = {id(obj)}
+    queue = deque([(obj, [f"{type(obj).__module__}.{type(obj).__qualname__}"])])
+    chains: list[str] = []
+    here.add(id(queue))
+    stop = time.monotonic() + seconds  # each gc.get_referrers scans the whole heap
+    while queue and len(seen) < max_nodes and len(chains) < limit and time.monotonic() < stop:
+        node, path = queue.popleft()
+        refs = gc.get_referrers(node)
+        here.add(id(refs))
+        if not any(id(r) not in here for r in refs):
+            # nothing gc can see: a local variable of a running function, or C code
+            chains.append(" <- ".join(path + ["(a running frame's local or C code)"]))
+        for ref in refs:
+            if id(ref) in seen or id(ref) in here:
+                continue
+            if isinstance(ref, types.FrameType) and ref.f_code.co_name == "referrer_chains":
                 continue
             step = path + [label(ref, node)]
-            mine.add(id(step))
-            walk(ref, step, left - 1)
-
-    start = [type(obj).__qualname__]
-    mine.add(id(start))
-    walk(obj, start, depth)
+            if is_root(ref):  # reported along every path that reaches it
+                chains.append(" <- ".join(step))
+                continue
+            seen.add(id(ref))
+            here.add(id(step))
+            entry = (ref, step)
+            here.add(id(entry))
+            queue.append(entry)
+        del refs
     return chains
 
 

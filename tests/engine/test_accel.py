@@ -192,3 +192,27 @@ def test_engine_gives_back_graph_memory_and_retries_the_same_image(tmp_path, tin
     engine.unload()
     gc.collect()
     assert gone() is None
+
+
+def test_leak_diagnosis_names_what_keeps_a_model_alive():
+    """The bench's referrer_chains (run after every unload on the GPU): it follows a kept exception's
+    traceback to the frame that held the model, and reports attribute and key names on the way."""
+    from mcp_sdxl.bench.engine_runs import referrer_chains
+
+    model = torch.nn.Linear(2, 2)
+    kept: dict = {}
+
+    def fails(m):
+        raise ValueError("boom")
+
+    try:
+        fails(model)
+    except ValueError as exc:
+        kept["error"] = exc
+    holder = FakePipe()
+    holder.unet = model
+    found = {"keep": holder}
+    chains = referrer_chains(model)
+    assert any("traceback" in c and "ValueError" in c and "dict['error']" in c for c in chains), chains
+    assert any("FakePipe" in c and "dict['keep']" in c for c in chains), chains
+    del found, kept
