@@ -223,12 +223,19 @@ def scenario_inputs(name: str, assets: Assets, maps: dict) -> dict:
     raise ValueError(name)
 
 
-def measure(plan: Plan, vram: Vram, run_once) -> dict:
-    """Warm-up(s) then repeats of `run_once()` -> (image, info); wall seconds with the GPU synchronised."""
+def measure(plan: Plan, vram: Vram, run_once, settle=None) -> dict:
+    """Warm-up(s) then repeats of `run_once()` -> (image, info); wall seconds with the GPU synchronised.
+    `settle()` runs after the warm-ups and returns seconds waited (a background compile finishing, when
+    the variant compiles in the background); after a wait, one more untimed call captures the new graphs."""
     vram.reset()
     times, infos, images = [], [], []
     first_s = None
+    waited = None
     for i in range(plan.warmups + plan.repeats):
+        if i == plan.warmups and settle is not None:
+            waited = settle()
+            if waited:
+                run_once()
         _sync()
         started = time.perf_counter()
         image, info = run_once()
@@ -242,6 +249,8 @@ def measure(plan: Plan, vram: Vram, run_once) -> dict:
         images.append(image)
     result = {"seconds": [round(t, 4) for t in times], "median_s": round(statistics.median(times), 4),
               "first_call_s": round(first_s, 4), **vram.peaks()}
+    if waited:
+        result["background_compile_wait_s"] = round(waited, 2)
     if infos and infos[0]:
         keys = infos[0].keys()
         result["timings_median"] = {k: round(statistics.median(i[k] for i in infos if k in i), 4) for k in keys}

@@ -11,7 +11,8 @@
   out-of-memory error (begin_call, after_oom).
 - compile: "regional" compiles the repeated transformer blocks of the UNet and of each ControlNet (a short
   first-call compile; the ControlNets' blocks reuse the UNet's compiled code), "full" the whole UNet
-  forward (several minutes on the first call unless the on-disk caches are warm). The inductor and Triton
+  forward (minutes to compile unless the on-disk caches are warm: with cuda_graphs it compiles in a
+  background thread, engine/background_compile.py, and no call waits for it). The inductor and Triton
   caches live under the data home (`compile_cache_dir`), so later starts reuse the compiled code.
 - vae_dtype: the SDXL VAE's config asks for a float32 decode (it overflows in float16); "bfloat16" decodes in
   bf16 (float32's range), "float16" suits the fp16-fix VAE only.
@@ -38,6 +39,7 @@ from typing import Any
 
 import torch
 
+from mcp_sdxl.engine.background_compile import BackgroundCompiler
 from mcp_sdxl.engine.cuda_graphs import GraphRunner, graph_stats, install_graphs  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -104,8 +106,9 @@ def optimize_pipeline(pipe, performance, device: torch.device, cache_root: Path 
     if vae_dtype != "auto":
         set_vae_dtype(pipe.vae, DTYPES[vae_dtype])
         applied["vae_dtype"] = vae_dtype
-    forward = unet.forward
+    compiler = None
     mode = performance.compile
+    graphs = getattr(performance, "cuda_graphs", False)
     if mode != "off":
         configure_compile_cache(_cache_dir(performance, cache_root))
         import torch._dynamo as dynamo
@@ -114,13 +117,14 @@ def optimize_pipeline(pipe, performance, device: torch.device, cache_root: Path 
         dynamo.config.suppress_errors = True
         if mode == "regional":
             unet.compile_repeated_blocks(dynamic=False)
-        else:  # full: the whole forward, compiled on its first call
-            forward = torch.compile(forward, dynamic=False)
-            if not getattr(performance, "cuda_graphs", False):
-                unet.forward = forward
+        elif graphs:  # full, with graphs: compiled in the background while the plain forward serves
+            compiler = BackgroundCompiler(torch.compile(unet.forward, dynamic=False),
+                                          name="unet")
+        else:  # full, without graphs: compiled on the first call of each signature (minutes, blocking)
+            unet.forward = torch.compile(unet.forward, dynamic=False)
         applied["compile"] = mode
-    if getattr(performance, "cuda_graphs", False):
-        install_graphs(state, unet, forward, name="unet")
+    if graphs:
+        install_graphs(state, unet, unet.forward, name="unet", compiler=compiler)
         # compel runs each text encoder twice per image (prompt, negative): ~0.2 s of launches, eager
         for component in ("text_encoder", "text_encoder_2"):
             model = getattr(pipe, component, None)
@@ -138,7 +142,7 @@ def optimize_controlnet(pipe, model: torch.nn.Module, performance, device: torch
         return
     if performance.channels_last:
         model.to(memory_format=torch.channels_last)
-    if performance.compile != "off" and not getattr(model, "_mcp_compiled", False):
+    if performance.compile == "regional" and not getattr(model, "_mcp_compiled", False):
         # the ControlNet's transformer blocks have the UNet's shapes: dynamo reuses the UNet's compiled code
         blocks = [m for m in model.modules() if m.__class__.__name__ in getattr(pipe.unet, "_repeated_blocks", ())]
         for block in blocks:
@@ -152,13 +156,27 @@ def optimize_controlnet(pipe, model: torch.nn.Module, performance, device: torch
 
 
 def release(pipe) -> None:
-    """Drop every captured CUDA graph (and its memory pool): call before moving weights off the GPU."""
+    """Drop every captured CUDA graph (and its memory pool): call before moving weights off the GPU.
+    A background compile still running (compile: full) finishes first: it runs on these weights."""
     state = getattr(pipe, STATE_ATTR, None) if pipe is not None else None
     if state is None:
         return
     for runner in state.runners:
+        if runner.compiler is not None:
+            runner.compiler.wait()
+    for runner in state.runners:
         runner.reset()
     state.pool[0] = None
+
+
+def wait_for_compiles(pipe, timeout: float | None = None) -> float:
+    """Wait for background compiles (compile: full) to finish; returns the seconds waited (0.0: none ran)."""
+    state = getattr(pipe, STATE_ATTR, None) if pipe is not None else None
+    busy = [r.compiler for r in (state.runners if state else []) if r.compiler is not None and r.compiler.busy]
+    started = time.perf_counter()
+    for compiler in busy:
+        compiler.wait(None if timeout is None else max(0.0, timeout - (time.perf_counter() - started)))
+    return time.perf_counter() - started if busy else 0.0
 
 
 def holds_graphs(pipe) -> bool:
@@ -206,7 +224,7 @@ def _empty_cuda_cache() -> None:
 
 
 @contextlib.contextmanager
-def lora_update(pipe):
+def lora_update(pipe, fingerprint=None):
     """Wrap every change of the active LoRAs (LoraManager.apply / unload_all).
 
     Inside: peft's wrapper layers are back in place, so peft and diffusers see the model they built.
@@ -216,12 +234,15 @@ def lora_update(pipe):
     """
     state = state_of(pipe)
     started = time.perf_counter()
+    before = fingerprint() if fingerprint is not None else None
+    changed = True
     reattach_lora_wrappers(state)
     timing = state.applied.setdefault("last_lora_update_s", {})
     timing["reattach"] = round(time.perf_counter() - started, 4)
     inner = time.perf_counter()
     try:
         yield
+        changed = fingerprint is None or fingerprint() != before
     finally:
         timing["manager"] = round(time.perf_counter() - inner, 4)
         after = time.perf_counter()
@@ -229,7 +250,8 @@ def lora_update(pipe):
             refresh_fused_qkv(pipe.unet)
         if state.strip_lora:
             strip_lora_wrappers(pipe, state)
-        state.version += 1
+        if changed:  # the same LoRAs again (most calls) leave graphs and compiled code as they were
+            state.version += 1
         timing["refresh_and_strip"] = round(time.perf_counter() - after, 4)
 
 
@@ -241,7 +263,7 @@ def guard_lora_manager(manager, pipe):
             continue
 
         def guarded(*args, _method=method, **kwargs):
-            with lora_update(pipe):
+            with lora_update(pipe, fingerprint=lambda: (manager.active, tuple(manager.loaded.items()))):
                 return _method(*args, **kwargs)
 
         guarded._mcp_guarded = True

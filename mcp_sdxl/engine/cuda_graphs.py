@@ -98,7 +98,7 @@ class GraphRunner:
     """
 
     def __init__(self, module, fn: Callable, state, *, name: str, scale_arg=None,
-                 max_graphs: int = 8, backend=None):
+                 max_graphs: int = 8, backend=None, compiler=None):
         self._module = weakref.ref(module)
         self.fn = fn
         self.state = state
@@ -106,6 +106,7 @@ class GraphRunner:
         self.scale_arg = scale_arg
         self.max_graphs = max_graphs
         self.backend = backend or CudaGraphBackend()
+        self.compiler = compiler  # BackgroundCompiler (compile: full): `fn` compiled off the caller's thread
         self.enabled = True
         self.entries: dict = {}
         self.seen: dict = {}
@@ -172,20 +173,31 @@ class GraphRunner:
             return self.fn(*args, **kwargs)
         if not self.backend.usable(leaves):
             return self.fn(*args, **kwargs)
-        key = (structure, torch.is_inference_mode_enabled(),
-               tuple((tuple(t.shape), t.dtype, t.stride(), t.device) for t in leaves))
-        if key in self.failed:
-            return self.fn(*args, **kwargs)
+        signature = (structure, torch.is_inference_mode_enabled(),
+                     tuple((tuple(t.shape), t.dtype, t.stride(), t.device) for t in leaves))
         self._weights_moved(module)
+        fn = self.fn
+        if self.compiler is not None:
+            fn = self.compiler.function_for(signature, self.state.version, self.fn)
+            if fn is self.fn and self.compiler.wanted(signature, self.state.version) and (
+                    (signature, False) in self.entries or (signature, False) in self.failed
+                    or self.state.captures_off):
+                # serving fast already (or never will by graphs): compile this signature in the background
+                self.compiler.submit(signature, self.state.version, call_args, call_kwargs)
+        key = (signature, fn is not self.fn)  # graphs of the plain and of the compiled forward
+        if key in self.failed:
+            return self._plain(fn, args, kwargs)
         entry = self.entries.get(key)
         if entry is None:
             seen = self.seen[key] = self.seen.get(key, 0) + 1
-            if seen < 2 or len(self.entries) >= self.max_graphs or self.state.captures_off:
+            if seen < 2 or len(self.entries) >= self.max_graphs or self.state.captures_off or _compiling(self.state):
                 self.stats["eager"] += 1
-                return self.fn(*args, **kwargs)
-            entry = self._capture(key, structure, leaves)
+                return self._plain(fn, args, kwargs)
+            if (signature, not key[1]) in self.entries:  # the other forward's graph of this signature goes
+                del self.entries[(signature, not key[1])]
+            entry = self._capture(key, structure, leaves, fn)
             if entry is None:
-                return self.fn(*args, **kwargs)
+                return self._plain(fn, args, kwargs)
         for static, value in zip(entry.inputs, leaves):
             static.copy_(value)
         self.backend.replay(entry.graph)
@@ -208,15 +220,22 @@ class GraphRunner:
             return args, kwargs, None
         return args, kwargs, (float(scale) if isinstance(scale, (int, float)) else None)
 
-    def _capture(self, key, structure, leaves):
+    def _plain(self, fn, args, kwargs):
+        """A call without a graph; `fn` takes the call's own arguments (scale included)."""
+        if fn is not self.fn:
+            self.stats["compiled_eager"] = self.stats.get("compiled_eager", 0) + 1
+        return fn(*args, **kwargs)
+
+    def _capture(self, key, structure, leaves, fn=None):
+        fn = fn or self.fn
         started = time.perf_counter()
         inputs = [torch.empty_like(t) for t in leaves]
         for static, value in zip(inputs, leaves):
             static.copy_(value)
         args, kwargs = _unflatten(structure, iter(inputs))
         try:
-            self.backend.warm_up(lambda: self.fn(*args, **kwargs))
-            graph, out, pool = self.backend.capture(lambda: self.fn(*args, **kwargs), self.state.pool[0])
+            self.backend.warm_up(lambda: fn(*args, **kwargs))
+            graph, out, pool = self.backend.capture(lambda: fn(*args, **kwargs), self.state.pool[0])
             out_leaves: list = []
             out_structure = _flatten(out, out_leaves)
         except Exception as exc:  # an op that cannot be captured: this signature stays eager
@@ -232,9 +251,14 @@ class GraphRunner:
         return entry
 
 
+def _compiling(state) -> bool:
+    """A background compile is running somewhere in this pipeline (no captures meanwhile)."""
+    return any(r.compiler is not None and r.compiler.busy for r in state.runners)
+
+
 def install_graphs(state, module, fn: Callable, *, name: str, scale_arg=None, backend=None,
-                   attr: str = "forward") -> GraphRunner:
-    runner = GraphRunner(module, fn, state, name=name, scale_arg=scale_arg, backend=backend)
+                   attr: str = "forward", compiler=None) -> GraphRunner:
+    runner = GraphRunner(module, fn, state, name=name, scale_arg=scale_arg, backend=backend, compiler=compiler)
     setattr(module, attr, runner)
     state.runners.append(runner)
     return runner
@@ -242,4 +266,9 @@ def install_graphs(state, module, fn: Callable, *, name: str, scale_arg=None, ba
 
 def graph_stats(pipe) -> dict:
     state = getattr(pipe, "_mcp_accel", None)  # accel.STATE_ATTR
-    return {r.name: dict(r.stats) for r in state.runners} if state else {}
+    stats = {r.name: dict(r.stats) for r in state.runners} if state else {}
+    for runner in state.runners if state else []:
+        if runner.compiler is not None:
+            stats[runner.name]["background_compile"] = dict(runner.compiler.stats, busy=runner.compiler.busy,
+                                                            ready=len(runner.compiler.ready))
+    return stats

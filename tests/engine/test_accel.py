@@ -216,3 +216,57 @@ def test_leak_diagnosis_names_what_keeps_a_model_alive():
     assert any("traceback" in c and "ValueError" in c and "dict['error']" in c for c in chains), chains
     assert any("FakePipe" in c and "dict['keep']" in c for c in chains), chains
     del found, kept
+
+
+def test_full_compile_runs_in_the_background_and_never_blocks_a_call(tmp_path, tiny_cache):
+    """compile: full on the real tiny pipeline, its UNet under a GraphRunner with a BackgroundCompiler.
+    The compile backend is a real torch.compile backend that records its thread and takes its time (the
+    full SDXL compile takes minutes): images keep coming at the plain forward's speed meanwhile, nothing
+    compiles on the caller's thread, and once compiled the UNet runs the compiled graph, same image."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from mcp_sdxl.config import load_settings
+    from mcp_sdxl.engine import Engine, GenerationRequest
+    from mcp_sdxl.engine.background_compile import BackgroundCompiler
+    from tests.conftest import CONFIGS
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "tiny").symlink_to(tiny_cache, target_is_directory=True)
+    engine = Engine(load_settings(CONFIGS, home=home, profile="tiny"))
+    request = GenerationRequest(prompt="a boy on a beach", width=64, height=64, steps=3, cfg_scale=7.0, seed=3)
+    want = np.asarray(engine.generate(request).image)
+
+    compiled_on, delay = [], 4.0
+
+    def slow_backend(graph_module, example_inputs):
+        compiled_on.append(threading.current_thread().name)
+        time.sleep(delay)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    unet = engine.pipe.unet
+    compiler = BackgroundCompiler(torch.compile(unet.forward, backend=slow_backend, dynamic=False), name="unet")
+    runner = accel.install_graphs(accel.state_of(engine.pipe), unet, unet.forward, name="unet",
+                                  backend=CpuGraphs(), compiler=compiler)
+    started = time.perf_counter()
+    first = np.asarray(engine.generate(request).image)  # step 2 captures the plain graph, step 3 submits
+    first_s = time.perf_counter() - started
+    assert compiler.busy and first_s < delay  # the call did not wait for the compile
+    assert np.array_equal(first, want)
+    assert accel.holds_graphs(engine.pipe) and runner.stats["captures"] == 1
+    while_compiling = np.asarray(engine.generate(request).image)  # replays the plain graph meanwhile
+    assert np.array_equal(while_compiling, want)
+    assert compiler.wait(timeout=300) and compiler.stats["compiles"] == 1 and compiler.ready
+    assert compiled_on and all(name == "compile-unet" for name in compiled_on)
+    calls = len(compiled_on)
+    compiled = np.asarray(engine.generate(request).image)
+    assert len(compiled_on) == calls  # the caller's thread ran the compiled graph without compiling anything
+    assert runner.stats.get("compiled_eager", 0) >= 1 and runner.stats["captures"] == 2
+    assert np.abs(compiled.astype(int) - want.astype(int)).max() <= 1
+    stats = accel.graph_stats(engine.pipe)["unet"]["background_compile"]
+    assert stats["compiles"] == 1 and not stats["busy"]
+    torch._dynamo.reset()
