@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 import torch
 
+from mcp_sdxl.engine.cuda_graphs import _unflatten
+
 log = logging.getLogger(__name__)
 
 
@@ -48,13 +50,16 @@ class BackgroundCompiler:
     def wanted(self, key, version: int) -> bool:
         return self.ready.get(key) != version and key not in self.failed
 
-    def submit(self, key, version: int, args: tuple, kwargs: dict) -> bool:
-        """Start compiling `key` on copies of the arguments, unless a compile is already running."""
+    def submit(self, key, version: int, structure, leaves: list) -> bool:
+        """Start compiling `key` on copies of a call's arguments (as the GraphRunner flattened them: their
+        structure and tensor leaves), unless a compile is already running."""
         with self._lock:
             if self.busy or not self.wanted(key, version):
                 return False
-            args, kwargs = _detached((args, kwargs))
-            self._thread = threading.Thread(target=self._run, args=(key, version, args, kwargs),
+            copies = [t.detach().clone() for t in leaves]
+            on_cuda = any(t.is_cuda for t in copies)
+            args, kwargs = _unflatten(structure, iter(copies))
+            self._thread = threading.Thread(target=self._run, args=(key, version, args, kwargs, on_cuda),
                                             name=f"compile-{self.name}", daemon=True)
             self._thread.start()
             return True
@@ -66,10 +71,10 @@ class BackgroundCompiler:
             thread.join(timeout)
         return not self.busy
 
-    def _run(self, key, version: int, args: tuple, kwargs: dict) -> None:
+    def _run(self, key, version: int, args: tuple, kwargs: dict, on_cuda: bool) -> None:
         started = time.perf_counter()
         try:
-            stream = torch.cuda.Stream() if _on_cuda((args, kwargs)) else None
+            stream = torch.cuda.Stream() if on_cuda else None
             with torch.inference_mode():
                 if stream is not None:
                     stream.wait_stream(torch.cuda.current_stream())
@@ -89,24 +94,3 @@ class BackgroundCompiler:
         self.ready[key] = version
         log.info("%s: compiled in the background in %.1f s", self.name, seconds)
 
-
-def _detached(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, tuple):
-        return tuple(_detached(o) for o in obj)
-    if isinstance(obj, list):
-        return [_detached(o) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _detached(v) for k, v in obj.items()}
-    return obj
-
-
-def _on_cuda(obj) -> bool:
-    if isinstance(obj, torch.Tensor):
-        return obj.is_cuda
-    if isinstance(obj, (tuple, list)):
-        return any(_on_cuda(o) for o in obj)
-    if isinstance(obj, dict):
-        return any(_on_cuda(v) for v in obj.values())
-    return False

@@ -183,7 +183,7 @@ class GraphRunner:
                     (signature, False) in self.entries or (signature, False) in self.failed
                     or self.state.captures_off):
                 # serving fast already (or never will by graphs): compile this signature in the background
-                self.compiler.submit(signature, self.state.version, call_args, call_kwargs)
+                self.compiler.submit(signature, self.state.version, structure, leaves)
         key = (signature, fn is not self.fn)  # graphs of the plain and of the compiled forward
         if key in self.failed:
             return self._plain(fn, args, kwargs)
