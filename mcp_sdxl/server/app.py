@@ -14,9 +14,9 @@ from typing import Annotated, Any, Literal
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError, UnexpectedToolError
 from mcp.types import CallToolResult, ToolAnnotations
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from mcp_sdxl import __version__
 from mcp_sdxl.errors import BusyError, CancelledError, ConfigError, GpuLeaseError, NotFoundError, UserInputError
@@ -41,7 +41,7 @@ Scene = Annotated[str, Field(description="what the character does and where, e.g
 Background = Annotated[str | None, Field(description="background LoRA name from list_characters, e.g. 'portorosso'")]
 Style = Annotated[str | None, Field(description="style LoRA name; default: the character's default style; 'none' for no style LoRA")]
 Quality = Annotated[str | None, Field(description="quality preset: draft (fast), standard, high; default standard")]
-Seed = Annotated[int | None, Field(description="seed for reproducible images; candidates use seed, seed+1, ...; default random")]
+Seed = Annotated[int | None, Field(description="seed for reproducible images (0-4294967295); candidates use seed, seed+1, ...; omitted or -1: random")]
 Size = Annotated[int | None, Field(description="pixels, multiple of 8; default from the preset (1024 for SDXL)")]
 Steps = Annotated[int | None, Field(description="denoising steps; overrides the quality preset")]
 Cfg = Annotated[float | None, Field(description="classifier-free guidance scale 0-30; overrides the quality preset")]
@@ -89,9 +89,23 @@ def _resource_errors(fn):
     return wrapper
 
 
+class StudioServer(MCPServer):
+    """MCPServer whose argument-validation errors read as one short clause per field."""
+
+    async def call_tool(self, name, arguments, context=None):
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            cause = exc.__cause__
+            if not isinstance(exc, UnexpectedToolError) and isinstance(cause, ValidationError):
+                # still caused by the ValidationError: the SDK logs the rejected field names only
+                raise ToolError(f"Error executing tool {name}: {shaping.argument_errors(cause)}") from cause
+            raise
+
+
 def build_server(studio) -> MCPServer:
     """An MCPServer whose tools call `studio` (a mcp_sdxl.studio.Studio)."""
-    server = MCPServer(name="mcp-sdxl", version=__version__, instructions=INSTRUCTIONS)
+    server = StudioServer(name="mcp-sdxl", version=__version__, instructions=INSTRUCTIONS)
     limits = studio.settings.sdxl.server
 
     async def run_generation(plan, ctx: Context, run_as_job: bool) -> CallToolResult:

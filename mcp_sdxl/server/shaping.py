@@ -93,3 +93,18 @@ def inline_refs(schema: dict) -> dict:
         return node
 
     return resolve(schema)
+
+
+def argument_errors(error) -> str:
+    """A pydantic ValidationError of a tool's arguments as one short clause per field, with the value
+    that was sent: what the model needs to correct the call (not pydantic's multi-line text and links)."""
+    parts = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item.get("loc", ())) or "arguments"
+        text = f"{field}: {item.get('msg', 'invalid')}"
+        if item.get("type") != "missing":
+            sent = repr(item.get("input"))
+            text += f" (got {sent if len(sent) <= 80 else sent[:77] + '...'})"
+        parts.append(text)
+    return "invalid arguments: " + "; ".join(parts)
+

@@ -7,6 +7,7 @@ a message that names what would work.
 
 from __future__ import annotations
 
+import difflib
 import math
 import random
 from dataclasses import dataclass, field
@@ -63,16 +64,30 @@ class Plan:
 
 def _finite(name: str, value, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UserInputError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+        raise UserInputError(f"{name} must be a number in [{_num(low)}, {_num(high)}], got {value!r}")
     if not low <= value <= high:
-        raise UserInputError(f"{name} must be in [{low:g}, {high:g}], got {value:g}")
+        raise UserInputError(f"{name} must be in [{_num(low)}, {_num(high)}], got {_num(value)}")
     return float(value)
+
+
+def _num(value: float) -> str:
+    """4294967295, not 4.29497e+09: the model copies the bound it is shown."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _unknown(kind: str, name, valid: list[str]) -> NotFoundError:
+    hint = ""
+    if isinstance(name, str):
+        close = [v for v in valid if v.lower() == name.strip().lower()] or difflib.get_close_matches(name, valid, n=2)
+        if close:
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}? "
+    listed = ", ".join(valid) or "none configured"
+    return NotFoundError(f"unknown {kind} {name!r}; {hint}valid {kind}s: {listed} (see list_characters)")
 
 
 def _pick(names: dict, kind: str, name: str):
     if name not in names:
-        valid = ", ".join(sorted(names)) or "none configured"
-        raise NotFoundError(f"unknown {kind} {name!r}; valid {kind}s: {valid} (see list_characters)")
+        raise _unknown(kind, name, sorted(names))
     return names[name]
 
 
@@ -87,8 +102,7 @@ class Planner:
 
     def preset(self, character: str) -> CharacterPreset:
         if not isinstance(character, str) or character not in self.character_names():
-            valid = ", ".join(self.character_names()) or "none configured"
-            raise NotFoundError(f"unknown character {character!r}; valid characters: {valid} (see list_characters)")
+            raise _unknown("character", character, self.character_names())
         preset = self.settings.presets.get(character)
         if preset is None:  # a registry LoRA without a preset: sensible defaults
             entry = self.settings.loras.characters[character]
@@ -156,7 +170,7 @@ class Planner:
 
         width, height = self._size(preset, width, height)
         count = int(_finite("num_candidates", num_candidates, 1, limits.max_candidates))
-        if seed is None:
+        if seed is None or (seed == -1 and not isinstance(seed, bool)):  # -1: random, as in most SD front ends
             seed = random.randint(0, 2**31 - 1)
         seed = int(_finite("seed", seed, 0, 2**32 - 1 - count))
         if threshold is not None:

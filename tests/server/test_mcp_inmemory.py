@@ -125,6 +125,17 @@ async def test_wrong_types_are_rejected(server):
         assert result.is_error
         result = await client.call_tool("generate_character", {"character": "luca"})
         assert result.is_error and "scene_description" in result.content[0].text
+        # one short clause per field with what was sent, no pydantic links
+        result = await client.call_tool("generate_character", {"character": "luca", "scene_description": "x",
+                                                               "width": "big"})
+        text = result.content[0].text
+        assert result.is_error and "invalid arguments: width: Input should be a valid integer" in text
+        assert "(got 'big')" in text and "pydantic.dev" not in text and "\n" not in text
+        result = await client.call_tool("release_gpu", {"mode": "nap"})
+        assert result.content[0].text == ("Error executing tool release_gpu: invalid arguments: "
+                                          "mode: Input should be 'offload' or 'unload' (got 'nap')")
+        ok = await client.call_tool("list_images", {"limit": "5"})  # a number sent as a string still works
+        assert not ok.is_error
 
 
 async def test_prompt_template(server):

@@ -56,6 +56,19 @@ def test_unknown_names_are_not_found_errors_listing_the_valid_ones(planner):
     with pytest.raises(NotFoundError, match=r"unknown style 'anime'.*pixar_3d"):  # also without a character
         plan(planner, character=None, scene="a boat", style="anime")
     assert issubclass(NotFoundError, UserInputError)
+    # a near miss names the likely one first (what a model would retry with)
+    with pytest.raises(NotFoundError, match=r"unknown character 'Luca'; did you mean 'luca'\? valid"):
+        plan(planner, character="Luca")
+    with pytest.raises(NotFoundError, match=r"did you mean 'portorosso'"):
+        plan(planner, background="porto rosso")
+
+
+def test_seed_minus_one_is_random_and_bounds_read_as_integers(planner):
+    seeds = {planner.plan(kind="character", character="luca", scene_description="x", seed=-1).seeds[0]
+             for _ in range(5)}
+    assert len(seeds) > 1 and all(0 <= s < 2**31 for s in seeds)
+    with pytest.raises(UserInputError, match=r"seed must be in \[0, 4294967294\], got -5$"):
+        planner.plan(kind="character", character="luca", scene_description="x", seed=-5)
 
 
 # ---------------------------------------------------------------------------------------- weights
