@@ -142,6 +142,22 @@ def test_out_of_memory_gives_back_graphs_then_stops_capturing():
     assert torch.allclose(out["y"], net.lin(x) * 2)
 
 
+def tiny_engine(tmp_path, tiny_cache):
+    """The real tiny engine, a small request, and the image it gives with no graphs installed."""
+    import numpy as np
+
+    from mcp_sdxl.config import load_settings
+    from mcp_sdxl.engine import Engine, GenerationRequest
+    from tests.conftest import CONFIGS
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "tiny").symlink_to(tiny_cache, target_is_directory=True)
+    engine = Engine(load_settings(CONFIGS, home=home, profile="tiny"))
+    request = GenerationRequest(prompt="a boy on a beach", width=64, height=64, steps=3, cfg_scale=7.0, seed=3)
+    return engine, request, np.asarray(engine.generate(request).image)
+
+
 class OomOnce(CpuGraphs):
     """Replays fail once with CUDA's out-of-memory error, as a graph pool too many can make them."""
 
@@ -161,16 +177,7 @@ def test_engine_gives_back_graph_memory_and_retries_the_same_image(tmp_path, tin
     drops the graphs and the call reruns, giving the image it would have given."""
     import numpy as np
 
-    from mcp_sdxl.config import load_settings
-    from mcp_sdxl.engine import Engine, GenerationRequest
-    from tests.conftest import CONFIGS
-
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "tiny").symlink_to(tiny_cache, target_is_directory=True)
-    engine = Engine(load_settings(CONFIGS, home=home, profile="tiny"))
-    request = GenerationRequest(prompt="a boy on a beach", width=64, height=64, steps=3, cfg_scale=7.0, seed=3)
-    want = np.asarray(engine.generate(request).image)
+    engine, request, want = tiny_engine(tmp_path, tiny_cache)
     backend = OomOnce()
     unet = engine.pipe.unet
     runner = accel.install_graphs(accel.state_of(engine.pipe), unet, unet.forward, name="unet", backend=backend)
@@ -228,17 +235,9 @@ def test_full_compile_runs_in_the_background_and_never_blocks_a_call(tmp_path, t
 
     import numpy as np
 
-    from mcp_sdxl.config import load_settings
-    from mcp_sdxl.engine import Engine, GenerationRequest
     from mcp_sdxl.engine.background_compile import BackgroundCompiler
-    from tests.conftest import CONFIGS
 
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "tiny").symlink_to(tiny_cache, target_is_directory=True)
-    engine = Engine(load_settings(CONFIGS, home=home, profile="tiny"))
-    request = GenerationRequest(prompt="a boy on a beach", width=64, height=64, steps=3, cfg_scale=7.0, seed=3)
-    want = np.asarray(engine.generate(request).image)
+    engine, request, want = tiny_engine(tmp_path, tiny_cache)
 
     compiled_on, delay = [], 4.0
 
