@@ -44,6 +44,7 @@ class LoraManager:
         self.active: tuple[tuple[str, float], ...] = ()  # what is fused now
         self._clean: dict[int, torch.Tensor] = {}  # id(tuner module) -> clean base weight (CPU)
         self._modules: dict[int, BaseTunerLayer] = {}
+        self._disabled = False  # adapters switched off (no LoRA active): enable before fusing again
 
     # ------------------------------------------------------------------ public
     def apply(self, specs: list[LoraSpec]) -> None:
@@ -57,21 +58,33 @@ class LoraManager:
         missing = [s for s in specs if adapter_name(s.key) not in self.loaded]
         if wanted == self.active and not missing:
             return
-        self._reset_to_clean()
-        for spec in missing:
-            self._load(spec)
-        if wanted:
-            names = [n for n, _ in wanted]
-            self.pipe.enable_lora()
-            self.pipe.set_adapters(names, adapter_weights=[w for _, w in wanted])
-            self.pipe.fuse_lora(components=self._components(), adapter_names=names)
+        # Each of disable_lora / enable_lora walks every module of three models (a third of a switch's
+        # time on the tiny engine): switch adapters off only when none stays active.
+        self._reset_to_clean(disable=not wanted)
+        try:
+            for spec in missing:
+                self._load(spec)
+            if wanted:
+                names = [n for n, _ in wanted]
+                if self._disabled or missing:
+                    self.pipe.enable_lora()
+                    self._disabled = False
+                self.pipe.set_adapters(names, adapter_weights=[w for _, w in wanted])
+                self.pipe.fuse_lora(components=self._components(), adapter_names=names)
+        except BaseException:
+            # clean weights, adapters off: exactly "no LoRA" (active is () already), never half-applied
+            if self._modules:  # (no adapter in the model at all: nothing to switch off)
+                self.pipe.disable_lora()
+                self._disabled = True
+            raise
         self.active = wanted
 
     def unload_all(self) -> None:
         """Remove every adapter and give back the clean weights."""
-        self._reset_to_clean()
+        self._reset_to_clean(disable=True)
         if self.loaded:
             self.pipe.unload_lora_weights()
+        self._disabled = False
         self.loaded.clear()
         self._clean.clear()
         self._modules.clear()
@@ -94,17 +107,22 @@ class LoraManager:
                 if isinstance(module, BaseTunerLayer):
                     yield module
 
-    def _reset_to_clean(self) -> None:
+    def _reset_to_clean(self, disable: bool) -> None:
         if not self._modules:
             self.active = ()
             return
         with torch.no_grad():
             for key, module in self._modules.items():
                 if module.merged:
-                    module.unmerge()
+                    if any(getattr(module, "lora_bias", {}).values()):
+                        module.unmerge()  # a LoRA with a bias changed the base bias too: subtract it
+                    else:  # the weight is overwritten from its clean copy: computing the delta is wasted
+                        module.merged_adapters.clear()
                 weight = module.get_base_layer().weight
                 weight.copy_(self._clean[key].to(weight.device, non_blocking=True))
-        self.pipe.disable_lora()
+        if disable:
+            self.pipe.disable_lora()
+            self._disabled = True
         self.active = ()
 
     def _load(self, spec: LoraSpec) -> None:

@@ -211,3 +211,15 @@ def test_bad_lora_file_is_a_clear_error_and_leaves_the_engine_clean(engine, base
     assert "character_broken" not in adapters and "character_broken" not in engine.loras.loaded
     assert np.array_equal(pixels(engine), base)  # == a fresh engine's output
     assert np.array_equal(pixels(engine, [style]), styled)  # the good adapter still works as before
+
+
+def test_first_lora_ever_broken_leaves_a_working_engine(settings, base, tmp_path):
+    """A fresh engine whose very first LoRA file is bad (no adapter in the model yet): the error is the
+    file's, and the next good LoRA, and no LoRA, work as on any engine."""
+    engine = Engine(settings)
+    path = bad_lora(tmp_path, engine, "random_bytes")
+    with pytest.raises(UserInputError, match="could not be loaded"):
+        pixels(engine, [LoraSpec("character:broken", path, 0.8)])
+    assert np.array_equal(pixels(engine), base)
+    style = spec(engine, "style", "pixar_3d", 0.7)
+    assert mean_change(pixels(engine, [style]), base) > 0.01 and np.array_equal(pixels(engine), base)
