@@ -161,9 +161,7 @@ def release(pipe) -> None:
     state = getattr(pipe, STATE_ATTR, None) if pipe is not None else None
     if state is None:
         return
-    for runner in state.runners:
-        if runner.compiler is not None:
-            runner.compiler.wait()
+    wait_for_compiles(pipe)
     for runner in state.runners:
         runner.reset()
     state.pool[0] = None

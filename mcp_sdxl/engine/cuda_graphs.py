@@ -226,8 +226,7 @@ class GraphRunner:
             self.stats["compiled_eager"] = self.stats.get("compiled_eager", 0) + 1
         return fn(*args, **kwargs)
 
-    def _capture(self, key, structure, leaves, fn=None):
-        fn = fn or self.fn
+    def _capture(self, key, structure, leaves, fn):
         started = time.perf_counter()
         inputs = [torch.empty_like(t) for t in leaves]
         for static, value in zip(inputs, leaves):
@@ -266,8 +265,9 @@ def install_graphs(state, module, fn: Callable, *, name: str, scale_arg=None, ba
 
 def graph_stats(pipe) -> dict:
     state = getattr(pipe, "_mcp_accel", None)  # accel.STATE_ATTR
-    stats = {r.name: dict(r.stats) for r in state.runners} if state else {}
+    stats = {}
     for runner in state.runners if state else []:
+        stats[runner.name] = dict(runner.stats)
         if runner.compiler is not None:
             stats[runner.name]["background_compile"] = dict(runner.compiler.stats, busy=runner.compiler.busy,
                                                             ready=len(runner.compiler.ready))

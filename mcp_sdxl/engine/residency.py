@@ -62,17 +62,14 @@ class HostCopy:
         return sum(t.numel() * t.element_size() for t in self._pinned.values())
 
 
-def drop_storage(modules: list[torch.nn.Module]) -> int:
+def drop_storage(modules: list[torch.nn.Module]) -> None:
     """Point every parameter and buffer of `modules` at an empty tensor: their memory goes now, even if
     something outside the engine still references a module (an exception's traceback, a caller's local).
-    Only for modules that are never used again (unload). Returns the bytes let go."""
-    freed = 0
+    Only for modules that are never used again (unload)."""
     with torch.no_grad():
         for module in modules:
             for _, tensor in _tensors(module):
-                freed += tensor.data.numel() * tensor.data.element_size()
                 tensor.data = torch.empty(0, dtype=tensor.dtype)
-    return freed
 
 
 def _tensors(module: torch.nn.Module):
