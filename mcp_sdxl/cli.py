@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--budget-s", type=float, default=None, help="stop starting new measurements after this many seconds")
     bench.add_argument("--workdir", help="where random weights and LoRAs are built (default <home>/bench)")
     bench.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process start-up measurements")
+    bench.add_argument("--cold-start-only", action="store_true",
+                       help="only the fresh-process start-ups, with the first --variants entry's levers")
     bench.add_argument("--reference", help="reference scenarios to run, e.g. 'base+loras3' (default: all the variants need)")
 
     args = parser.parse_args(argv)

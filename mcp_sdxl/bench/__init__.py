@@ -102,6 +102,11 @@ def run_bench(args) -> int:
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.vram_limit_gb * 2**30 / total))
             meta["vram_limit_note"] = (f"torch allocator capped at {args.vram_limit_gb} GiB (reserved memory, "
                                        "set_per_process_memory_fraction); the CUDA context (~0.5 GiB) is outside it")
+        if getattr(args, "cold_start_only", False):
+            plan.cold_start = full
+            if plan.cold_start:
+                run_cold_starts(args, settings, plan, assets, report)
+            return _finish(report, plan, vram, args, failed=False)
         wanted_ref = set()
         for _, scenarios, _ in plan.variants:
             wanted_ref |= set(scenarios)
@@ -125,8 +130,12 @@ def run_bench(args) -> int:
     except Exception as exc:
         report.error("bench", exc)
         failed = True
-    finally:
-        vram.close()
+    return _finish(report, plan, vram, args, failed)
+
+
+def _finish(report: Report, plan: Plan, vram: Vram, args, failed: bool) -> int:
+    vram.close()
+    meta = report.data["meta"]
     meta["total_s"] = round(time.time() - PROCESS_T0, 1)
     summary = summarise(report.data, plan)
     report.data["targets"] = summary["targets"]

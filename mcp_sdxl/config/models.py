@@ -121,11 +121,12 @@ class Performance(Strict):
     fuse_qkv: bool = False
     # Capture the UNet's / ControlNets' forward as CUDA graphs and replay them (same kernels, same image).
     cuda_graphs: bool = True
-    # torch.compile: off | regional (the transformer blocks of the UNet and ControlNets: ~10-15 s on the
-    # first image of each size) | full (the whole UNet forward: 31.7 ms a step against regional's 39.8 on an
-    # H200, but 135 s to compile with a cold cache; with cuda_graphs it compiles in a background thread
-    # while the plain forward serves, without them the first image waits). A compile error falls back to eager.
-    compile: Literal["off", "regional", "full"] = "regional"
+    # torch.compile: off | regional (the transformer blocks of the UNet and ControlNets, compiled on the
+    # caller's first image of each size: ~10 s) | full (the whole UNet and ControlNet forwards: on an H200
+    # 1.09 s an image against regional's 1.40; with cuda_graphs each new kind of call compiles in a
+    # background thread, 20-120 s, while the plain forward serves it as a CUDA graph; without graphs the
+    # first image waits). A compile error falls back to the plain forward.
+    compile: Literal["off", "regional", "full"] = "full"
     # Inductor / Triton caches for compile; relative paths are relative to the data home.
     compile_cache_dir: str = "cache/torch"
     # VAE decode precision: auto follows the VAE's config (SDXL's: float32, it overflows in float16);

@@ -10,8 +10,8 @@
   memory policy here: every kind of call's by default, one kind's under a VRAM cap or after an
   out-of-memory error (begin_call, after_oom).
 - compile: "regional" compiles the repeated transformer blocks of the UNet and of each ControlNet (a short
-  first-call compile; the ControlNets' blocks reuse the UNet's compiled code), "full" the whole UNet
-  forward (minutes to compile unless the on-disk caches are warm: with cuda_graphs it compiles in a
+  first-call compile; the ControlNets' blocks reuse the UNet's compiled code), "full" (the default) the
+  whole UNet and ControlNet forwards (20-120 s per kind of call: with cuda_graphs it compiles in a
   background thread, engine/background_compile.py, and no call waits for it). The inductor and Triton
   caches live under the data home (`compile_cache_dir`), so later starts reuse the compiled code.
 - vae_dtype: the SDXL VAE's config asks for a float32 decode (it overflows in float16); "bfloat16" decodes in
@@ -118,8 +118,7 @@ def optimize_pipeline(pipe, performance, device: torch.device, cache_root: Path 
         if mode == "regional":
             unet.compile_repeated_blocks(dynamic=False)
         elif graphs:  # full, with graphs: compiled in the background while the plain forward serves
-            compiler = BackgroundCompiler(torch.compile(unet.forward, dynamic=False),
-                                          name="unet")
+            compiler = BackgroundCompiler(torch.compile(unet.forward, dynamic=False), name="unet")
         else:  # full, without graphs: compiled on the first call of each signature (minutes, blocking)
             unet.forward = torch.compile(unet.forward, dynamic=False)
         applied["compile"] = mode
@@ -149,10 +148,14 @@ def optimize_controlnet(pipe, model: torch.nn.Module, performance, device: torch
             block.compile(dynamic=False)
         model._mcp_compiled = True
     if getattr(performance, "cuda_graphs", False) and not isinstance(getattr(model, "forward", None), GraphRunner):
+        name = f"controlnet{len(state_of(pipe).runners)}"
+        compiler = None
+        if performance.compile == "full":  # like the UNet: compiled in the background, graphs serve meanwhile
+            compiler = BackgroundCompiler(torch.compile(model.forward, dynamic=False), name=name)
         # conditioning_scale only multiplies the outputs: the graph runs at 1.0, the scale is applied after it,
         # so one graph serves every strength.
-        install_graphs(state_of(pipe), model, model.forward, name=f"controlnet{len(state_of(pipe).runners)}",
-                       scale_arg=(4, "conditioning_scale"))
+        install_graphs(state_of(pipe), model, model.forward, name=name, scale_arg=(4, "conditioning_scale"),
+                       compiler=compiler)
 
 
 def release(pipe) -> None:
@@ -174,6 +177,9 @@ def wait_for_compiles(pipe, timeout: float | None = None) -> float:
     started = time.perf_counter()
     for compiler in busy:
         compiler.wait(None if timeout is None else max(0.0, timeout - (time.perf_counter() - started)))
+    if busy:
+        log.info("waited %.1f s for the background compile of %s", time.perf_counter() - started,
+                 ", ".join(c.name for c in busy))
     return time.perf_counter() - started if busy else 0.0
 
 

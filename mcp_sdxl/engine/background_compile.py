@@ -17,6 +17,7 @@ compile before it moves weights (offload, unload).
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -26,6 +27,8 @@ import torch
 from mcp_sdxl.engine.cuda_graphs import _unflatten
 
 log = logging.getLogger(__name__)
+
+SERVING_SWITCH_INTERVAL_S = 0.00005
 
 
 class BackgroundCompiler:
@@ -73,6 +76,11 @@ class BackgroundCompiler:
 
     def _run(self, key, version: int, args: tuple, kwargs: dict, on_cuda: bool) -> None:
         started = time.perf_counter()
+        # The compile is Python that holds the GIL; the serving thread gives the GIL up in most torch calls and
+        # waits up to one switch interval (5 ms) to get it back each time: a 30 ms UNet step took ~0.5 s while
+        # the UNet compiled (H200). At 50 us the serving thread's CPU work per step stays under the GPU's time.
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(SERVING_SWITCH_INTERVAL_S)
         try:
             stream = torch.cuda.Stream() if on_cuda else None
             with torch.inference_mode():
@@ -88,6 +96,8 @@ class BackgroundCompiler:
             self.stats["failures"] += 1
             log.warning("%s: background compile failed, staying eager: %s: %s", self.name, type(exc).__name__, exc)
             return
+        finally:
+            sys.setswitchinterval(switch_interval)
         seconds = time.perf_counter() - started
         self.stats["compiles"] += 1
         self.stats["compile_s"].append(round(seconds, 2))

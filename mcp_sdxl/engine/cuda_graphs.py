@@ -116,6 +116,7 @@ class GraphRunner:
         self._tensors: list = []
         self._ptrs: list = []
         self._lora_active = False
+        self._none_defaults = _none_defaults(fn)
         functools.update_wrapper(self, fn, updated=())
 
     # -- bookkeeping
@@ -161,11 +162,15 @@ class GraphRunner:
         if not self.enabled or module is None or torch.is_grad_enabled():
             return self.fn(*args, **kwargs)
         scale = None
-        call_args, call_kwargs = args, kwargs
+        # an explicit None where the default is None is the same call: one signature (a ControlNet pipeline
+        # outside the ControlNet's window passes residuals=None, the base pipeline passes nothing)
+        call_args = args
+        call_kwargs = {k: v for k, v in kwargs.items() if not (v is None and k in self._none_defaults)}
         if self.scale_arg is not None:
-            call_args, call_kwargs, scale = self._unit_scale(args, kwargs)
+            call_args, call_kwargs, scale = self._unit_scale(call_args, call_kwargs)
             if scale is None:
                 return self.fn(*args, **kwargs)
+        unit = (call_args, call_kwargs, scale)
         leaves: list = []
         try:
             structure = _flatten((call_args, call_kwargs), leaves)
@@ -177,27 +182,36 @@ class GraphRunner:
                      tuple((tuple(t.shape), t.dtype, t.stride(), t.device) for t in leaves))
         self._weights_moved(module)
         fn = self.fn
-        if self.compiler is not None:
+        if self.compiler is not None and (signature, True) in self.entries:
+            # its graph replays the current weights (the entries go when the tensors change): a LoRA switch
+            # keeps the compiled graph without a new compile
+            fn = self.compiler.compiled
+        elif self.compiler is not None:
             fn = self.compiler.function_for(signature, self.state.version, self.fn)
             if fn is self.fn and self.compiler.wanted(signature, self.state.version) and (
                     (signature, False) in self.entries or (signature, False) in self.failed
-                    or self.state.captures_off):
-                # serving fast already (or never will by graphs): compile this signature in the background
+                    or self.state.captures_off) and not _compiling(self.state):
+                # serving fast already (or never will by graphs): compile this signature in the background;
+                # one compile at a time in a pipeline (dynamo's compiles are not meant to run concurrently)
                 self.compiler.submit(signature, self.state.version, structure, leaves)
+        if fn is not self.fn and (signature, True) not in self.entries and _compiling(self.state):
+            # dynamo refuses a compiled call while another thread traces (a process-wide FX flag): until the
+            # compile is done, a compiled forward without its graph yet runs as the plain one
+            fn = self.fn
         key = (signature, fn is not self.fn)  # graphs of the plain and of the compiled forward
         if key in self.failed:
-            return self._plain(fn, args, kwargs)
+            return self._plain(fn, args, kwargs, unit)
         entry = self.entries.get(key)
         if entry is None:
             seen = self.seen[key] = self.seen.get(key, 0) + 1
             if seen < 2 or len(self.entries) >= self.max_graphs or self.state.captures_off or _compiling(self.state):
                 self.stats["eager"] += 1
-                return self._plain(fn, args, kwargs)
+                return self._plain(fn, args, kwargs, unit)
             if (signature, not key[1]) in self.entries:  # the other forward's graph of this signature goes
                 del self.entries[(signature, not key[1])]
             entry = self._capture(key, structure, leaves, fn)
             if entry is None:
-                return self._plain(fn, args, kwargs)
+                return self._plain(fn, args, kwargs, unit)
         for static, value in zip(entry.inputs, leaves):
             static.copy_(value)
         self.backend.replay(entry.graph)
@@ -220,11 +234,20 @@ class GraphRunner:
             return args, kwargs, None
         return args, kwargs, (float(scale) if isinstance(scale, (int, float)) else None)
 
-    def _plain(self, fn, args, kwargs):
-        """A call without a graph; `fn` takes the call's own arguments (scale included)."""
-        if fn is not self.fn:
-            self.stats["compiled_eager"] = self.stats.get("compiled_eager", 0) + 1
-        return fn(*args, **kwargs)
+    def _plain(self, fn, args, kwargs, unit):
+        """A call without a graph. The plain forward takes the call's own arguments; the compiled one the
+        arguments it was compiled for (`unit`: scale 1.0, the scale applied after, as for graphs): another
+        strength would be a new constant to dynamo, a recompile on the caller's thread (56 s on an H200)."""
+        if fn is self.fn:
+            return fn(*args, **kwargs)
+        self.stats["compiled_eager"] = self.stats.get("compiled_eager", 0) + 1
+        call_args, call_kwargs, scale = unit
+        out = fn(*call_args, **call_kwargs)
+        if scale is None:
+            return out
+        leaves: list = []
+        structure = _flatten(out, leaves)
+        return _unflatten(structure, iter([t * scale for t in leaves]))
 
     def _capture(self, key, structure, leaves, fn):
         started = time.perf_counter()
@@ -248,6 +271,17 @@ class GraphRunner:
         self.stats["captures"] += 1
         self.stats["capture_s"] += time.perf_counter() - started
         return entry
+
+
+def _none_defaults(fn) -> frozenset:
+    """Names of `fn`'s parameters whose default is None."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return frozenset()
+    return frozenset(p.name for p in parameters if p.default is None)
 
 
 def _compiling(state) -> bool:

@@ -269,3 +269,135 @@ def test_full_compile_runs_in_the_background_and_never_blocks_a_call(tmp_path, t
     stats = accel.graph_stats(engine.pipe)["unet"]["background_compile"]
     assert stats["compiles"] == 1 and not stats["busy"]
     torch._dynamo.reset()
+
+
+@torch.inference_mode()
+def test_background_compiles_run_one_at_a_time_in_a_pipeline():
+    """compile: full puts the UNet and each ControlNet under a BackgroundCompiler. A second model's
+    signature waits (served by its graph) until the first compile is done, then compiles on a later call."""
+    import threading
+
+    from mcp_sdxl.engine.background_compile import BackgroundCompiler
+
+    gate = threading.Event()
+    compiled_names = []
+
+    def gated_backend(graph_module, example_inputs):
+        compiled_names.append(threading.current_thread().name)
+        gate.wait(60)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    pipe = FakePipe()
+    state = accel.state_of(pipe)
+    nets, compilers = [], []
+    for name in ("unet", "controlnet1"):
+        net = Net()
+        compiler = BackgroundCompiler(torch.compile(net.forward, backend=gated_backend, dynamic=False), name=name)
+        accel.install_graphs(state, net, net.forward, name=name, backend=CpuGraphs(), compiler=compiler)
+        nets.append(net)
+        compilers.append(compiler)
+    x = torch.randn(2, 4)
+    for _ in range(3):  # eager, capture, then a replay that hands the signature to the compiler
+        nets[0](x)
+    assert compilers[0].busy
+    for _ in range(3):
+        out = nets[1](x)
+    assert not compilers[1].busy and not compilers[1].ready  # waits for the UNet's compile
+    assert torch.allclose(out["y"], Net.forward.__get__(nets[1])(x)["y"])
+    gate.set()
+    assert compilers[0].wait(60) and compilers[0].ready
+    assert not accel.state_of(pipe).runners[1].entries  # no capture while the UNet compiled
+    nets[1](x)  # nothing compiling now: captures the ControlNet's graph
+    assert not compilers[1].busy
+    nets[1](x)  # replays it and starts the ControlNet's compile
+    assert compilers[1].wait(60) and compilers[1].ready
+    # both compiled off the caller's thread (the second reuses dynamo's code for the same forward: no backend call)
+    assert compiled_names == ["compile-unet"] and compilers[1].stats["compiles"] == 1
+    torch._dynamo.reset()
+
+
+@torch.inference_mode()
+def test_lora_switch_keeps_the_compiled_graph_without_a_new_compile():
+    """A LoRA switch changes weights in place and bumps the structure version: the compiled forward's graph
+    replays the new weights at once (no background re-compile, no eager steps meanwhile)."""
+    import threading
+
+    from mcp_sdxl.engine.background_compile import BackgroundCompiler
+
+    threads = []
+
+    def backend(graph_module, example_inputs):
+        threads.append(threading.current_thread().name)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    pipe, net = FakePipe(), Net()
+    state = accel.state_of(pipe)
+    compiler = BackgroundCompiler(torch.compile(net.forward, backend=backend, dynamic=False), name="unet")
+    runner = accel.install_graphs(state, net, net.forward, name="unet", backend=CpuGraphs(), compiler=compiler)
+    x = torch.randn(2, 4)
+    for _ in range(3):
+        net(x)
+    assert compiler.wait(60) and compiler.stats["compiles"] == 1
+    net(x), net(x)  # the compiled forward: once as it is, then captured
+    assert any(key[1] for key in runner.entries)
+    eager_before = runner.stats["eager"]
+    net.lin.weight.mul_(3)  # what a fused LoRA does to a weight, and the version bump lora_update makes
+    state.version += 1
+    out = net(x)
+    assert torch.allclose(out["y"], Net.forward.__get__(net)(x)["y"])  # the new weights
+    assert not compiler.busy and compiler.stats["compiles"] == 1 and runner.stats["eager"] == eager_before
+    assert threads == ["compile-unet"]
+    torch._dynamo.reset()
+
+
+class ScaledNet(torch.nn.Module):
+    """A ControlNet's calling convention: conditioning_scale (5th argument) multiplies every output."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, t, cond, image, conditioning_scale=1.0, residual=None):
+        y = self.lin(x) + (0 if residual is None else residual)
+        return ((y * conditioning_scale, (y + 1) * conditioning_scale), y.mean() * conditioning_scale)
+
+
+@torch.inference_mode()
+def test_explicit_none_is_the_same_signature_and_strengths_share_the_compiled_forward():
+    """`residual=None` (what a ControlNet pipeline passes outside its window) replays the graph captured
+    without it; a strength other than 1.0 runs the compiled forward at 1.0 and scales after: no recompile."""
+    import threading
+
+    from mcp_sdxl.engine.background_compile import BackgroundCompiler
+
+    compiles = []
+
+    def backend(graph_module, example_inputs):
+        compiles.append(threading.current_thread().name)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    pipe, net = FakePipe(), ScaledNet()
+    state = accel.state_of(pipe)
+    compiler = BackgroundCompiler(torch.compile(net.forward, backend=backend, dynamic=False), name="controlnet")
+    runner = accel.install_graphs(state, net, net.forward, name="controlnet", backend=CpuGraphs(),
+                                  scale_arg=(4, "conditioning_scale"), compiler=compiler)
+    eager = ScaledNet.forward.__get__(net)
+    x, t, cond, image = (torch.randn(2, 4) for _ in range(4))
+    net(x, t, cond, image, 1.0), net(x, t, cond, image, 1.0)  # eager, then captured
+    replays = runner.stats["replays"]
+    out = net(x, t, cond, image, 1.0, residual=None)
+    assert runner.stats["replays"] == replays + 1 and runner.stats["captures"] == 1  # the same graph
+    assert torch.allclose(out[0][0], eager(x, t, cond, image, 1.0)[0][0])
+    assert compiler.wait(60) and compiler.ready and compiles == ["compile-controlnet"]
+    out = net(x, t, cond, image, 0.7)  # the compiled forward's first call here: no graph yet
+    assert runner.stats["compiled_eager"] == 1
+    want = eager(x, t, cond, image, 0.7)
+    assert torch.allclose(out[0][1], want[0][1]) and torch.allclose(out[1], want[1])
+    net(x, t, cond, image, 0.3)  # captured; then replayed at another strength
+    out = net(x, t, cond, image, 0.5, residual=None)
+    assert torch.allclose(out[0][0], eager(x, t, cond, image, 0.5)[0][0])
+    assert compiles == ["compile-controlnet"]  # no strength recompiled anything, on any thread
+    torch._dynamo.reset()
