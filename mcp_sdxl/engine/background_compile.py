@@ -89,6 +89,9 @@ class BackgroundCompiler:
                     with torch.cuda.stream(stream):
                         self.compiled(*args, **kwargs)
                     stream.synchronize()
+                    # the caching allocator keeps this run's freed activation blocks for this stream only,
+                    # which nothing uses again: give them back (graph pools are not touched by empty_cache)
+                    torch.cuda.empty_cache()
                 else:
                     self.compiled(*args, **kwargs)
         except Exception as exc:  # the signature stays on the plain forward

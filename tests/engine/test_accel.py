@@ -9,6 +9,8 @@ what a CUDA graph replay does. The CUDA kernels themselves are checked on the GP
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from mcp_sdxl.engine import accel, cuda_graphs
@@ -401,3 +403,26 @@ def test_explicit_none_is_the_same_signature_and_strengths_share_the_compiled_fo
     assert torch.allclose(out[0][0], eager(x, t, cond, image, 0.5)[0][0])
     assert compiles == ["compile-controlnet"]  # no strength recompiled anything, on any thread
     torch._dynamo.reset()
+
+
+def test_unet_steps_outside_the_controlnet_window_replay_the_base_graph(tmp_path, tiny_cache):
+    """Outside its window a ControlNet pipeline calls the UNet with residuals=None: the same call as the
+    base pipeline's, so it replays the base graph (no third signature to capture, or to compile)."""
+    import numpy as np
+    from PIL import Image
+
+    from mcp_sdxl.engine import ControlInput
+
+    engine, request, _ = tiny_engine(tmp_path, tiny_cache)
+    request.steps = 4
+    edges = Image.new("RGB", (request.width, request.height))
+    edges.paste((255, 255, 255), (16, 16, 48, 48))
+    windowed = dataclasses.replace(request, controls=[ControlInput("canny", edges, 1.0)], control_end=0.5)
+    want = np.asarray(engine.generate(windowed).image)  # no graphs yet: the plain forward's image
+    unet = engine.pipe.unet
+    runner = accel.install_graphs(accel.state_of(engine.pipe), unet, unet.forward, name="unet", backend=CpuGraphs())
+    engine.generate(request)  # the base signature: eager, then captured
+    assert runner.stats["captures"] == 1
+    got = np.asarray(engine.generate(windowed).image)  # 2 steps with residuals, 2 without
+    assert runner.stats["captures"] == 2 and len(runner.entries) == 2
+    assert np.array_equal(got, want)
