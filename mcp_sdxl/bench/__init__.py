@@ -106,6 +106,8 @@ def run_bench(args) -> int:
             plan.cold_start = full
             if plan.cold_start:
                 run_cold_starts(args, settings, plan, assets, report)
+            else:
+                print("--cold-start-only: cold starts are measured on CUDA with full-size SDXL only", file=sys.stderr)
             return _finish(report, plan, vram, args, failed=False)
         wanted_ref = set()
         for _, scenarios, _ in plan.variants:
@@ -126,6 +128,7 @@ def run_bench(args) -> int:
             run_cold_starts(args, settings, plan, assets, report)
         _contact_sheet(ref_images, report)
     except SystemExit:
+        vram.close()
         raise
     except Exception as exc:
         report.error("bench", exc)

@@ -110,7 +110,7 @@ def run_engine_variant(settings, plan: Plan, assets: Assets, maps: dict, vram: V
                     return output.image, output.timings
 
                 result = measure(plan, vram, once, settle=lambda: accel.wait_for_compiles(
-                    engine.pipe, timeout=max(0.0, plan.left() - 60)))
+                    engine.pipe, timeout=max(0.0, plan.left() - 60)), busy=lambda: accel.compiling(engine.pipe))
                 image = result.pop("_image")
                 ref_name = "base" if scenario == "base_callback" else scenario
                 ref = report.data["reference"].get(ref_name, {})
@@ -308,11 +308,12 @@ def run_cold_starts(args, settings, plan: Plan, assets: Assets, report: Report) 
                                                     "controlnets": {k: str(v) for k, v in assets.controlnets.items()}},
                 "performance": perf, "width": plan.width, "height": plan.height, "steps": plan.steps, "cfg": plan.cfg}
         env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+        timeout = max(60, min(400, plan.left() - 20))
+        spec["compile_wait_until_s"] = timeout - 30  # the child stops waiting for a compile in time to report
         started = time.time()
         try:
             proc = subprocess.run([sys.executable, "-m", "mcp_sdxl.bench", "--child", json.dumps(spec)],
-                                  capture_output=True, text=True, env=env,
-                                  timeout=max(60, min(400, plan.left() - 20)))
+                                  capture_output=True, text=True, env=env, timeout=timeout)
             line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
             if proc.returncode != 0 or not line:
                 raise RuntimeError(f"child exited {proc.returncode}: {proc.stderr[-1500:]}")
@@ -361,7 +362,10 @@ def _child(spec_text: str) -> int:
 
     state = getattr(engine.pipe, accel.STATE_ATTR, None)
     if state is not None and any(r.compiler is not None for r in state.runners):  # compile: full
-        accel.wait_for_compiles(engine.pipe, timeout=600)
+        left = spec.get("compile_wait_until_s", 600) - (time.time() - PROCESS_T0)
+        accel.wait_for_compiles(engine.pipe, timeout=max(0.0, left))
+        result["compile"] = {r.name: dict(r.compiler.stats, busy=r.compiler.busy) for r in state.runners
+                             if r.compiler is not None}
         at["compiled"] = time.time()
         for label in ("image_after_compile", "compiled_image"):  # the first captures the compiled graph
             started = time.time()

@@ -224,23 +224,22 @@ def scenario_inputs(name: str, assets: Assets, maps: dict) -> dict:
     raise ValueError(name)
 
 
-def measure(plan: Plan, vram: Vram, run_once, settle=None) -> dict:
+def measure(plan: Plan, vram: Vram, run_once, settle=None, busy=None) -> dict:
     """Warm-up(s) then repeats of `run_once()` -> (image, info); wall seconds with the GPU synchronised.
-    `settle()` runs after the warm-ups and returns seconds waited (a background compile finishing, when
-    the variant compiles in the background); after each wait one more untimed call captures the new graphs
-    (and may start the next compile, which the next settle waits for)."""
+    With a background compile (`busy()` says one runs): after the warm-ups, `settle()` waits for it and one
+    more untimed call captures the new graphs (and may start the next compile: UNet, then ControlNet),
+    until none runs; a compile still running at the timed repeats is recorded."""
     vram.reset()
     times, infos, images = [], [], []
     first_s = None
     waited = None
     for i in range(plan.warmups + plan.repeats):
-        if i == plan.warmups and settle is not None:
+        if i == plan.warmups and settle is not None and busy is not None:
             waited = 0.0
-            for _ in range(4):  # a call after a finished compile may start the next one (UNet, then ControlNet)
-                seconds = settle()
-                if not seconds:
+            for _ in range(8):
+                if not busy() or plan.left() < 60:
                     break
-                waited += seconds
+                waited += settle()
                 run_once()
         _sync()
         started = time.perf_counter()
@@ -257,6 +256,8 @@ def measure(plan: Plan, vram: Vram, run_once, settle=None) -> dict:
               "first_call_s": round(first_s, 4), **vram.peaks()}
     if waited:
         result["background_compile_wait_s"] = round(waited, 2)
+    if busy is not None and busy():
+        result["compile_running_during_repeats"] = True
     if infos and infos[0]:
         keys = infos[0].keys()
         result["timings_median"] = {k: round(statistics.median(i[k] for i in infos if k in i), 4) for k in keys}

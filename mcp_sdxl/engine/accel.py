@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from mcp_sdxl.engine.background_compile import BackgroundCompiler
-from mcp_sdxl.engine.cuda_graphs import GraphRunner, graph_stats, install_graphs  # noqa: F401 (re-exported)
+from mcp_sdxl.engine.cuda_graphs import GraphRunner, _compiling, graph_stats, install_graphs  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +158,15 @@ def optimize_controlnet(pipe, model: torch.nn.Module, performance, device: torch
                        compiler=compiler)
 
 
-def release(pipe) -> None:
+def release(pipe, moving_weights: bool = True) -> None:
     """Drop every captured CUDA graph (and its memory pool): call before moving weights off the GPU.
-    A background compile still running (compile: full) finishes first: it runs on these weights."""
+    Then a background compile still running (compile: full) finishes first: it runs on these weights.
+    Only dropping graphs (another kind of call under a VRAM cap, an out-of-memory retry) does not wait."""
     state = getattr(pipe, STATE_ATTR, None) if pipe is not None else None
     if state is None:
         return
-    wait_for_compiles(pipe)
+    if moving_weights:
+        wait_for_compiles(pipe)
     for runner in state.runners:
         runner.reset()
     state.pool[0] = None
@@ -174,6 +176,8 @@ def wait_for_compiles(pipe, timeout: float | None = None) -> float:
     """Wait for background compiles (compile: full) to finish; returns the seconds waited (0.0: none ran)."""
     state = getattr(pipe, STATE_ATTR, None) if pipe is not None else None
     busy = [r.compiler for r in (state.runners if state else []) if r.compiler is not None and r.compiler.busy]
+    if timeout is not None and timeout == float("inf"):
+        timeout = None
     started = time.perf_counter()
     for compiler in busy:
         compiler.wait(None if timeout is None else max(0.0, timeout - (time.perf_counter() - started)))
@@ -181,6 +185,12 @@ def wait_for_compiles(pipe, timeout: float | None = None) -> float:
         log.info("waited %.1f s for the background compile of %s", time.perf_counter() - started,
                  ", ".join(c.name for c in busy))
     return time.perf_counter() - started if busy else 0.0
+
+
+def compiling(pipe) -> bool:
+    """A background compile (compile: full) is running in this pipeline."""
+    state = getattr(pipe, STATE_ATTR, None) if pipe is not None else None
+    return state is not None and _compiling(state)
 
 
 def holds_graphs(pipe) -> bool:
@@ -199,7 +209,7 @@ def begin_call(pipe, family) -> None:
     if state is None or not state.runners:
         return
     if state.one_family and state.family is not None and family != state.family and holds_graphs(pipe):
-        release(pipe)
+        release(pipe, moving_weights=False)
         _empty_cuda_cache()
     state.family = family
 
@@ -214,7 +224,7 @@ def after_oom(pipe) -> bool:
     if state.one_family:
         state.captures_off = True
     state.one_family = True
-    release(pipe)
+    release(pipe, moving_weights=False)
     _empty_cuda_cache()
     log.warning("out of GPU memory: CUDA graphs dropped (%s)",
                 "no new graphs from now on" if state.captures_off else "keeping one kind of call from now on")

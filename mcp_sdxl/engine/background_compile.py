@@ -29,6 +29,37 @@ from mcp_sdxl.engine.cuda_graphs import _unflatten
 log = logging.getLogger(__name__)
 
 SERVING_SWITCH_INTERVAL_S = 0.00005
+OOM_ATTEMPTS = 2  # a compile run that ran out of memory is tried again once (the next time the call comes)
+
+
+class _ShortSwitchInterval:
+    """The GIL switch interval is process-wide: short while any compile runs, restored when the last ends.
+
+    The compile is Python that holds the GIL; the serving thread gives the GIL up in most torch calls and
+    waits up to one switch interval (5 ms) to get it back each time: a 30 ms UNet step took ~0.5 s while
+    the UNet compiled (H200). At 50 us the serving thread's CPU work per step stays under the GPU's time.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running = 0
+        self._saved = None
+
+    def __enter__(self):
+        with self._lock:
+            if self._running == 0:
+                self._saved = sys.getswitchinterval()
+                sys.setswitchinterval(SERVING_SWITCH_INTERVAL_S)
+            self._running += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._running -= 1
+            if self._running == 0:
+                sys.setswitchinterval(self._saved)
+
+
+_short_switch_interval = _ShortSwitchInterval()
 
 
 class BackgroundCompiler:
@@ -37,6 +68,7 @@ class BackgroundCompiler:
         self.name = name
         self.ready: dict[Any, int] = {}  # signature -> the weights' structure version it was compiled at
         self.failed: set = set()
+        self._oom: dict = {}  # signature -> compile runs that ran out of GPU memory
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.stats = {"compiles": 0, "compile_s": [], "failures": 0}
@@ -59,10 +91,14 @@ class BackgroundCompiler:
         with self._lock:
             if self.busy or not self.wanted(key, version):
                 return False
-            copies = [t.detach().clone() for t in leaves]
-            on_cuda = any(t.is_cuda for t in copies)
+            # same strides as the caller's tensors: dynamo guards on them (a contiguous copy of a strided
+            # input would compile a variant the caller's call then recompiles on its own thread)
+            copies = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+                      for t in leaves]
+            device = next((t.device for t in copies if t.is_cuda), None)
+            caller_stream = torch.cuda.current_stream(device) if device is not None else None
             args, kwargs = _unflatten(structure, iter(copies))
-            self._thread = threading.Thread(target=self._run, args=(key, version, args, kwargs, on_cuda),
+            self._thread = threading.Thread(target=self._run, args=(key, version, args, kwargs, device, caller_stream),
                                             name=f"compile-{self.name}", daemon=True)
             self._thread.start()
             return True
@@ -71,39 +107,37 @@ class BackgroundCompiler:
         """Let a running compile finish (before weights move). True when none is running any more."""
         thread = self._thread
         if thread is not None:
-            thread.join(timeout)
+            thread.join(None if timeout is None or timeout >= threading.TIMEOUT_MAX else timeout)
         return not self.busy
 
-    def _run(self, key, version: int, args: tuple, kwargs: dict, on_cuda: bool) -> None:
+    def _run(self, key, version: int, args: tuple, kwargs: dict, device, caller_stream) -> None:
         started = time.perf_counter()
-        # The compile is Python that holds the GIL; the serving thread gives the GIL up in most torch calls and
-        # waits up to one switch interval (5 ms) to get it back each time: a 30 ms UNet step took ~0.5 s while
-        # the UNet compiled (H200). At 50 us the serving thread's CPU work per step stays under the GPU's time.
-        switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(SERVING_SWITCH_INTERVAL_S)
         try:
-            stream = torch.cuda.Stream() if on_cuda else None
-            with torch.inference_mode():
-                if stream is not None:
-                    stream.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(stream):
-                        self.compiled(*args, **kwargs)
-                    stream.synchronize()
-                    # the caching allocator keeps this run's freed activation blocks for this stream only,
-                    # which nothing uses again: give them back (graph pools are not touched by empty_cache)
-                    torch.cuda.empty_cache()
+            with _short_switch_interval, torch.inference_mode():
+                if device is not None:
+                    with torch.cuda.device(device):
+                        stream = torch.cuda.Stream()
+                        stream.wait_stream(caller_stream)  # the copies were made on the caller's stream
+                        with torch.cuda.stream(stream):
+                            self.compiled(*args, **kwargs)
+                        stream.synchronize()
+                        # this run's freed activation blocks stay cached for its stream, which nothing uses
+                        # again: give cached blocks back (graph pools are not touched by empty_cache)
+                        torch.cuda.empty_cache()
                 else:
                     self.compiled(*args, **kwargs)
         except Exception as exc:  # the signature stays on the plain forward
-            self.failed.add(key)
             self.stats["failures"] += 1
+            if isinstance(exc, torch.OutOfMemoryError):
+                self._oom[key] = self._oom.get(key, 0) + 1
+                if self._oom[key] < OOM_ATTEMPTS:  # memory may be free the next time this call comes
+                    log.warning("%s: background compile ran out of GPU memory; will try once more", self.name)
+                    return
+            self.failed.add(key)
             log.warning("%s: background compile failed, staying eager: %s: %s", self.name, type(exc).__name__, exc)
             return
-        finally:
-            sys.setswitchinterval(switch_interval)
         seconds = time.perf_counter() - started
         self.stats["compiles"] += 1
         self.stats["compile_s"].append(round(seconds, 2))
         self.ready[key] = version
         log.info("%s: compiled in the background in %.1f s", self.name, seconds)
-

@@ -207,11 +207,10 @@ class GraphRunner:
             if seen < 2 or len(self.entries) >= self.max_graphs or self.state.captures_off or _compiling(self.state):
                 self.stats["eager"] += 1
                 return self._plain(fn, args, kwargs, unit)
-            if (signature, not key[1]) in self.entries:  # the other forward's graph of this signature goes
-                del self.entries[(signature, not key[1])]
             entry = self._capture(key, structure, leaves, fn)
             if entry is None:
                 return self._plain(fn, args, kwargs, unit)
+            self.entries.pop((signature, not key[1]), None)  # the other forward's graph of this signature goes
         for static, value in zip(entry.inputs, leaves):
             static.copy_(value)
         self.backend.replay(entry.graph)

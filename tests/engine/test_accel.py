@@ -275,8 +275,9 @@ def test_full_compile_runs_in_the_background_and_never_blocks_a_call(tmp_path, t
 
 @torch.inference_mode()
 def test_background_compiles_run_one_at_a_time_in_a_pipeline():
-    """compile: full puts the UNet and each ControlNet under a BackgroundCompiler. A second model's
-    signature waits (served by its graph) until the first compile is done, then compiles on a later call."""
+    """compile: full puts the UNet and each ControlNet under a BackgroundCompiler. While the UNet compiles,
+    the ControlNet's signature is served by its plain graph and not handed to its compiler; once the
+    UNet's compile is done, the ControlNet's next call starts its own."""
     import threading
 
     from mcp_sdxl.engine.background_compile import BackgroundCompiler
@@ -292,30 +293,29 @@ def test_background_compiles_run_one_at_a_time_in_a_pipeline():
     torch._dynamo.reset()
     pipe = FakePipe()
     state = accel.state_of(pipe)
-    nets, compilers = [], []
+    nets, compilers, runners = [], [], []
     for name in ("unet", "controlnet1"):
         net = Net()
         compiler = BackgroundCompiler(torch.compile(net.forward, backend=gated_backend, dynamic=False), name=name)
-        accel.install_graphs(state, net, net.forward, name=name, backend=CpuGraphs(), compiler=compiler)
+        runners.append(accel.install_graphs(state, net, net.forward, name=name, backend=CpuGraphs(), compiler=compiler))
         nets.append(net)
         compilers.append(compiler)
     x = torch.randn(2, 4)
-    for _ in range(3):  # eager, capture, then a replay that hands the signature to the compiler
-        nets[0](x)
+    nets[1](x), nets[1](x)  # the ControlNet's plain graph first: eager, captured (its next call would submit)
+    assert runners[1].entries and not compilers[1].busy
+    nets[0](x), nets[0](x), nets[0](x)  # eager, captured, then a replay that hands the signature to the compiler
     assert compilers[0].busy
-    for _ in range(3):
-        out = nets[1](x)
-    assert not compilers[1].busy and not compilers[1].ready  # waits for the UNet's compile
+    replays = runners[1].stats["replays"]
+    out = nets[1](x)
+    assert runners[1].stats["replays"] == replays + 1  # served by its plain graph meanwhile
+    assert not compilers[1].busy and not compilers[1].ready  # and not compiled while the UNet compiles
     assert torch.allclose(out["y"], Net.forward.__get__(nets[1])(x)["y"])
     gate.set()
     assert compilers[0].wait(60) and compilers[0].ready
-    assert not accel.state_of(pipe).runners[1].entries  # no capture while the UNet compiled
-    nets[1](x)  # nothing compiling now: captures the ControlNet's graph
-    assert not compilers[1].busy
-    nets[1](x)  # replays it and starts the ControlNet's compile
-    assert compilers[1].wait(60) and compilers[1].ready
-    # both compiled off the caller's thread (the second reuses dynamo's code for the same forward: no backend call)
-    assert compiled_names == ["compile-unet"] and compilers[1].stats["compiles"] == 1
+    nets[1](x)  # nothing compiling now: this replay starts the ControlNet's compile
+    assert compilers[1].wait(60) and compilers[1].ready and compilers[1].stats["compiles"] == 1
+    # both off the caller's thread (the second reuses dynamo's code for the same forward: no backend call)
+    assert compiled_names == ["compile-unet"]
     torch._dynamo.reset()
 
 
@@ -426,3 +426,50 @@ def test_unet_steps_outside_the_controlnet_window_replay_the_base_graph(tmp_path
     got = np.asarray(engine.generate(windowed).image)  # 2 steps with residuals, 2 without
     assert runner.stats["captures"] == 2 and len(runner.entries) == 2
     assert np.array_equal(got, want)
+
+
+def test_short_switch_interval_lasts_while_any_compile_runs():
+    import sys
+
+    from mcp_sdxl.engine.background_compile import SERVING_SWITCH_INTERVAL_S, _short_switch_interval
+
+    before = sys.getswitchinterval()
+    _short_switch_interval.__enter__()  # two compiles overlapping (two engines in one process)
+    _short_switch_interval.__enter__()
+    _short_switch_interval.__exit__(None, None, None)
+    assert abs(sys.getswitchinterval() - SERVING_SWITCH_INTERVAL_S) < 1e-9  # the other one still compiles
+    _short_switch_interval.__exit__(None, None, None)
+    assert sys.getswitchinterval() == before
+
+
+@torch.inference_mode()
+def test_a_compile_run_out_of_gpu_memory_is_tried_again_then_given_up():
+    from mcp_sdxl.engine.background_compile import BackgroundCompiler
+
+    fails = {"left": 1}
+
+    def backend(graph_module, example_inputs):
+        def run(*args):
+            if fails["left"]:
+                fails["left"] -= 1
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return graph_module.forward(*args)
+
+        return run
+
+    torch._dynamo.reset()
+    net = Net()
+    compiler = BackgroundCompiler(torch.compile(net.forward, backend=backend, dynamic=False), name="unet")
+    x = torch.randn(2, 4)
+    leaves: list = []
+    structure = cuda_graphs._flatten(((x,), {}), leaves)
+    assert compiler.submit("sig", 0, structure, leaves) and compiler.wait(60)
+    assert compiler.wanted("sig", 0) and not compiler.ready  # memory may be free next time: not given up
+    assert compiler.submit("sig", 0, structure, leaves) and compiler.wait(60)
+    assert compiler.ready == {"sig": 0} and compiler.stats["failures"] == 1
+    fails["left"] = 2
+    torch._dynamo.reset()
+    for _ in range(2):  # out of memory twice on one signature: stays on the plain forward
+        assert compiler.submit("other", 0, structure, leaves) and compiler.wait(60)
+    assert not compiler.wanted("other", 0) and "other" not in compiler.ready
+    torch._dynamo.reset()
