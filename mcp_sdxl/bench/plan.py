@@ -51,6 +51,7 @@ VARIANTS: dict[str, dict | None] = {
                             strip_lora_wrappers=True, vae_dtype="auto"),
     "full": dict(compile="full"),
     "compile-regional": dict(compile="regional"),
+    "one-kind": dict(graphs_keep="one_kind"),
     "vae-bf16": dict(vae_dtype="bfloat16"),
     "vae-fp32": dict(vae_dtype="auto"),
     "no-compile": dict(compile="off"),

@@ -121,6 +121,10 @@ class Performance(Strict):
     fuse_qkv: bool = False
     # Capture the UNet's / ControlNets' forward as CUDA graphs and replay them (same kernels, same image).
     cuda_graphs: bool = True
+    # Whose CUDA graphs stay in memory: every kind of call's (base, each ControlNet set, each size: each
+    # replays at once) or one kind's (another kind recaptures on its first steps; less VRAM). auto: one
+    # kind under hardware.vram_limit_gb or on a card under 24 GiB, every kind otherwise.
+    graphs_keep: Literal["auto", "every_kind", "one_kind"] = "auto"
     # torch.compile: off | regional (the transformer blocks of the UNet and ControlNets, compiled on the
     # caller's first image of each size: ~10 s) | full (the whole UNet and ControlNet forwards: on an H200
     # 1.09 s an image against regional's 1.40; with cuda_graphs each new kind of call compiles in a

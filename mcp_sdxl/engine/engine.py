@@ -169,8 +169,11 @@ class Engine:
         return modules
 
     def _memory_is_tight(self) -> bool:
-        """A VRAM cap, or a card under 24 GiB: SDXL with two ControlNets plus every kind of call's CUDA graphs
-        reached 18 GiB reserved on an H200, so small cards keep one kind's graphs at a time."""
+        """Keep one kind of call's CUDA graphs at a time (performance.graphs_keep; auto: a VRAM cap, or a card
+        under 24 GiB: SDXL with two ControlNets plus every kind's graphs reached 18.6 GiB reserved on an H200)."""
+        keep = self.settings.sdxl.performance.graphs_keep
+        if keep != "auto":
+            return keep == "one_kind"
         if self.settings.sdxl.hardware.vram_limit_gb is not None:
             return True
         if self.device.type != "cuda":

@@ -58,6 +58,7 @@ def _edit(config_dir, name, change):
         ("lora_registry.yaml", lambda d: d["styles"]["pixar_3d"].pop("lora_path"), "styles.pixar_3d.lora_path"),
         ("character_presets.yaml", lambda d: d["luca"].update(lora_name="nobody"), "luca.lora_name"),
         ("controlnet_config.yaml", lambda d: d["preprocessing"]["canny"].update(low_threshold=300), "canny.low_threshold"),
+        ("sdxl_config.yaml", lambda d: d["performance"].update(graphs_keep="some"), "performance.graphs_keep"),
     ],
 )
 def test_bad_config_names_file_and_key(config_dir, tmp_path, name, change, expected):
@@ -78,3 +79,19 @@ def test_invalid_yaml_is_reported(config_dir, tmp_path):
 def test_missing_config_folder(tmp_path):
     with pytest.raises(ConfigError, match="config folder not found"):
         load_settings(tmp_path / "nope", home=tmp_path)
+
+
+@pytest.mark.parametrize(("keep", "cap", "one_kind"), [
+    ("auto", None, False), ("auto", 15.5, True), ("one_kind", None, True), ("every_kind", 15.5, False)])
+def test_graphs_keep_decides_how_many_kinds_of_graphs_stay(config_dir, tmp_path, keep, cap, one_kind):
+    """performance.graphs_keep: auto keeps one kind of call's CUDA graphs under a VRAM cap (or on a small
+    card), every kind otherwise; the explicit values win over the cap."""
+    from mcp_sdxl.engine import Engine
+
+    def change(d):
+        d["performance"]["graphs_keep"] = keep
+        d["hardware"]["vram_limit_gb"] = cap
+
+    _edit(config_dir, "sdxl_config.yaml", change)
+    engine = Engine(load_settings(config_dir, home=tmp_path, profile="tiny"))
+    assert engine._memory_is_tight() is one_kind
