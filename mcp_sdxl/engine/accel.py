@@ -394,6 +394,14 @@ def set_vae_dtype(vae, dtype: torch.dtype) -> None:
     vae.decode = decode
 
 
+def _torch_default_cache_dir() -> str:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # older torch
+        from torch._inductor.runtime.runtime_utils import default_cache_dir
+    return default_cache_dir()
+
+
 def _cache_dir(performance, cache_root: Path | None) -> Path:
     directory = Path(os.path.expanduser(getattr(performance, "compile_cache_dir", "cache/torch")))
     if not directory.is_absolute():
@@ -402,10 +410,16 @@ def _cache_dir(performance, cache_root: Path | None) -> Path:
 
 
 def configure_compile_cache(directory: Path) -> Path:
-    """On-disk inductor (FX graph, AOTAutograd) and Triton caches under `directory` (env vars win)."""
+    """On-disk inductor (FX graph, AOTAutograd) and Triton caches under `directory` (env vars a user set win).
+
+    torch writes its own default (/tmp/torchinductor_<user>) into TORCHINDUCTOR_CACHE_DIR the first time
+    anything asks for the cache folder, which importing diffusers already does: a value equal to that
+    default is torch's, not the user's, and is replaced (a plain setdefault kept every cache in /tmp)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(directory / "inductor"))
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(_torch_default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory / "inductor")
     os.environ.setdefault("TRITON_CACHE_DIR", str(directory / "triton"))
     import torch._inductor.config as inductor_config
 

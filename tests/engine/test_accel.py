@@ -473,3 +473,22 @@ def test_a_compile_run_out_of_gpu_memory_is_tried_again_then_given_up():
         assert compiler.submit("other", 0, structure, leaves) and compiler.wait(60)
     assert not compiler.wanted("other", 0) and "other" not in compiler.ready
     torch._dynamo.reset()
+
+
+def test_compile_caches_go_under_the_configured_folder(tmp_path, monkeypatch):
+    """Importing diffusers makes torch write its default cache folder into TORCHINDUCTOR_CACHE_DIR; the
+    configured compile_cache_dir still wins over that default, and a folder the user set wins over both."""
+    import os
+
+    import diffusers  # noqa: F401 (what sets torch's default)
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    accel.configure_compile_cache(tmp_path / "torch")
+    assert cache_dir() == str(tmp_path / "torch" / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "torch" / "triton")
+    mine = str(tmp_path / "mine")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", mine)
+    accel.configure_compile_cache(tmp_path / "torch")
+    assert cache_dir() == mine
