@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError, UnexpectedToolError
-from mcp.types import CallToolResult, ToolAnnotations
+from mcp.shared.exceptions import MCPError
+from mcp.types import INVALID_PARAMS, CallToolResult, ToolAnnotations
 from pydantic import Field, ValidationError
 
 from mcp_sdxl import __version__
@@ -93,6 +94,14 @@ class StudioServer(MCPServer):
     """MCPServer whose argument-validation errors read as one short clause per field."""
 
     async def call_tool(self, name, arguments, context=None):
+        tool = self._tool_manager.get_tool(name)
+        if tool is not None and isinstance(arguments, dict):
+            # pydantic would drop them silently: `prompt` for `scene_description`, `num_images` for
+            # `num_candidates` would give an image the model did not ask for
+            known = tool.parameters.get("properties", {})
+            unknown = [k for k in arguments if k not in known]
+            if unknown:
+                raise ToolError(f"Error executing tool {name}: {shaping.unknown_arguments(unknown, list(known))}")
         try:
             return await super().call_tool(name, arguments, context)
         except ToolError as exc:
@@ -101,6 +110,19 @@ class StudioServer(MCPServer):
                 # still caused by the ValidationError: the SDK logs the rejected field names only
                 raise ToolError(f"Error executing tool {name}: {shaping.argument_errors(cause)}") from cause
             raise
+
+    async def get_prompt(self, name, arguments=None, context=None):
+        # The SDK answers an unknown prompt or a missing argument with "Internal server error" only.
+        prompt = self._prompt_manager.get_prompt(name)
+        if prompt is None:
+            known = ", ".join(p.name for p in self._prompt_manager.list_prompts())
+            raise MCPError(INVALID_PARAMS, f"unknown prompt {str(name)[:80]!r}; prompts: {known}")
+        given = {k for k, v in (arguments or {}).items() if v not in (None, "")}
+        missing = [a.name for a in prompt.arguments or [] if a.required and a.name not in given]
+        if missing:
+            wanted = ", ".join(f"{a.name} ({'required' if a.required else 'optional'})" for a in prompt.arguments)
+            raise MCPError(INVALID_PARAMS, f"prompt {name!r} needs {', '.join(map(repr, missing))}; arguments: {wanted}")
+        return await super().get_prompt(name, arguments, context)
 
 
 def build_server(studio) -> MCPServer:

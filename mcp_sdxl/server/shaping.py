@@ -95,6 +95,27 @@ def inline_refs(schema: dict) -> dict:
     return resolve(schema)
 
 
+# Names models bring from diffusers and other image APIs, and ours.
+ARGUMENT_SYNONYMS = {
+    "prompt": "scene_description", "scene": "scene_description", "description": "scene_description",
+    "num_images": "num_candidates", "n": "num_candidates", "count": "num_candidates", "batch_size": "num_candidates",
+    "num_inference_steps": "steps", "guidance_scale": "cfg_scale", "cfg": "cfg_scale", "negative": "negative_prompt",
+}
+
+
+def unknown_arguments(unknown: list[str], known: list[str]) -> str:
+    """Argument names a tool does not take, with the closest real ones and the whole list."""
+    import difflib
+
+    parts = []
+    for name in unknown:
+        shown = repr(name if len(name) <= 40 else name[:37] + "...")
+        close = [ARGUMENT_SYNONYMS[name]] if ARGUMENT_SYNONYMS.get(name) in known else []
+        close = close or difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        parts.append(f"{shown} (did you mean {close[0]!r}?)" if close else shown)
+    return f"unknown argument(s) {', '.join(parts)}; this tool takes: {', '.join(known) or 'no arguments'}"
+
+
 def argument_errors(error) -> str:
     """A pydantic ValidationError of a tool's arguments as one short clause per field, with the value
     that was sent: what the model needs to correct the call (not pydantic's multi-line text and links)."""

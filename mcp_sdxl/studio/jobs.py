@@ -45,6 +45,7 @@ class Job:
     finished: threading.Event = field(default_factory=threading.Event)
     partial: list[Any] = field(default_factory=list)  # finished pieces (e.g. images of a batch)
     seq: int = 0  # arrival order
+    _start_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def report(self, done: int, message: str) -> None:
         """Called by the worker; progress only ever increases and never passes total_steps."""
@@ -53,7 +54,21 @@ class Job:
             self.events.append(Progress(done, self.total_steps, message))
 
     def cancel(self) -> None:
-        self.cancel_event.set()
+        """A running job stops at its next denoising step; a queued one is cancelled at once (the worker
+        skips it when its turn comes), so whoever cancels it sees the final state without waiting."""
+        with self._start_lock:
+            self.cancel_event.set()
+            if self.state == "queued":
+                self.state, self.error, self.finished_at = "cancelled", "cancelled before it started", time.time()
+                self.finished.set()
+
+    def start(self) -> bool:
+        """Called by the worker: queued -> running, unless it was cancelled first."""
+        with self._start_lock:
+            if self.cancel_event.is_set() or self.state != "queued":
+                return False
+            self.state, self.started_at = "running", time.time()
+            return True
 
     @property
     def progress(self) -> Progress | None:
@@ -155,9 +170,9 @@ class JobQueue:
 
     def _run_one(self, job: Job) -> None:
         state, result, error = "cancelled", None, "cancelled before it started"
+        started = job.start()
         try:
-            if not job.cancel_event.is_set():
-                job.state, job.started_at = "running", time.time()
+            if started:
                 try:
                     state, result, error = "done", job.run(job), None
                 except CancelledError as exc:
@@ -176,10 +191,11 @@ class JobQueue:
                 except Exception:
                     log.exception("idle hook failed")
         finally:
-            job.result, job.error = result, error
-            job.state = state
-            job.finished_at = time.time()
-            job.finished.set()
+            if started:  # a job cancelled while queued was made final by cancel()
+                job.result, job.error = result, error
+                job.state = state
+                job.finished_at = time.time()
+                job.finished.set()
 
     def _expire(self) -> None:
         now = time.time()

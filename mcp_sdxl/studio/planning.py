@@ -56,6 +56,7 @@ class Plan:
     controls: list[ControlChoice] = field(default_factory=list)
     control_start: float = 0.0
     control_end: float = 1.0
+    notes: list[str] = field(default_factory=list)  # parts of the request that had no effect, said plainly
 
     @property
     def total_steps(self) -> int:
@@ -137,6 +138,8 @@ class Planner:
     ) -> Plan:
         gen = self.settings.sdxl.generation
         limits = gen.limits
+        if isinstance(character, str) and not character.strip():
+            character = None  # "" is what models send for "no character" (as for background and style)
         preset = self.preset(character) if character is not None else None
         if not isinstance(scene_description, str):
             raise UserInputError("scene_description/prompt must be a string")
@@ -145,7 +148,8 @@ class Planner:
         if preset is None and not scene_description.strip():
             raise UserInputError("give a prompt (or a character) describing the image")
 
-        loras = self._loras(preset, background, style, character_weight, background_weight, style_weight)
+        notes: list[str] = []
+        loras = self._loras(preset, background, style, character_weight, background_weight, style_weight, notes)
         triggers = [w for lo in loras if lo.weight > 0 for w in lo.entry.trigger_words]
         prompt = compose_prompt([preset.base_prompt if preset else "", scene_description], triggers)
         negative = merge_negative(preset.negative_prompt if preset else "", negative_prompt)
@@ -185,9 +189,10 @@ class Planner:
             quality=quality, steps=base_steps, cfg_scale=cfg, scheduler=scheduler, width=width, height=height,
             seeds=[seed + i for i in range(count)], filter_consistency=bool(filter_consistency),
             threshold=threshold, controls=controls or [], control_start=control_start, control_end=control_end,
+            notes=notes,
         )
 
-    def _loras(self, preset, background, style, character_weight, background_weight, style_weight):
+    def _loras(self, preset, background, style, character_weight, background_weight, style_weight, notes):
         registry = self.settings.loras
         chosen: list[LoraChoice] = []
         if preset is not None and preset.lora_name:
@@ -212,6 +217,12 @@ class Planner:
         for name, value in (("background_weight", background_weight), ("style_weight", style_weight)):
             if value is not None:
                 _finite(name, value, 0, 1)
+        used = {c.kind for c in chosen}
+        for kind, value in (("character", character_weight), ("background", background_weight),
+                            ("style", style_weight)):
+            if value is not None and kind not in used:
+                notes.append(f"{kind}_weight {value:g} had no effect: no {kind} LoRA is used in this call "
+                             f"(give {kind}=<name>; see list_characters)")
         return chosen
 
     def _size(self, preset, width, height) -> tuple[int, int]:

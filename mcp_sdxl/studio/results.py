@@ -65,6 +65,7 @@ class GenerationResult(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
     estimated_seconds: float | None = None
     message: str = ""
+    notes: list[str] = Field(default_factory=list, description="parts of the request that had no effect")
 
 
 class JobInfo(BaseModel):

@@ -193,7 +193,7 @@ class Studio:
                 negative_prompt=plan.negative_prompt, loras=lora_used, controls=control_used,
                 quality=plan.quality, steps=plan.steps, cfg_scale=plan.cfg_scale, scheduler=plan.scheduler,
                 width=plan.width, height=plan.height, profile=self.engine.profile, model=self.engine.model_name,
-                consistency_summary=summary, timings=timings,
+                consistency_summary=summary, timings=timings, notes=list(plan.notes),
                 message=f"{len(infos)} image(s) generated" + (" by the tiny engine (random weights: images are not meaningful)" if self.engine.profile == "tiny" else ""),
             )
         except BaseException:

@@ -41,8 +41,10 @@ def test_queue_is_fifo_and_busy_error_counts_what_is_ahead():
         with pytest.raises(BusyError, match=r"busy: 3 calls ahead of this one \(queue limit 2\)"):
             queue.submit("t", 1, _blocking(gate, order, "fourth"))
         assert queue.ahead_of(third) == 2 and queue.snapshot()["waiting"] == 2
-        # A cancelled waiter no longer counts against the limit or as "ahead".
+        # A cancelled waiter no longer counts against the limit or as "ahead", and is final at once
+        # (cancel_job answers without waiting for the job ahead of it).
         second.cancel()
+        assert second.finished.is_set() and second.state == "cancelled" and first.state == "running"
         assert queue.ahead_of(third) == 1
         fourth = queue.submit("t", 1, _blocking(gate, order, "fourth"))
         gate.set()
@@ -51,6 +53,25 @@ def test_queue_is_fifo_and_busy_error_counts_what_is_ahead():
         assert order == ["first", "third", "fourth"]
         assert (first.state, second.state, third.state) == ("done", "cancelled", "done")
         assert second.error == "cancelled before it started"
+    finally:
+        gate.set()
+        queue.stop()
+
+
+def test_a_job_cancelled_while_queued_never_runs_and_the_idle_hook_still_comes():
+    idle = threading.Event()
+    queue = JobQueue(limit=4, ttl_s=60, on_idle=idle.set)
+    gate, order = threading.Event(), []
+    try:
+        first = queue.submit("t", 1, _blocking(gate, order, "first"))
+        while first.state != "running":
+            time.sleep(0.005)
+        last = queue.submit("t", 1, _blocking(gate, order, "last"))
+        last.cancel()
+        finished_at = last.finished_at
+        gate.set()
+        assert first.finished.wait(10) and idle.wait(10)
+        assert order == ["first"] and last.state == "cancelled" and last.finished_at == finished_at
     finally:
         gate.set()
         queue.stop()

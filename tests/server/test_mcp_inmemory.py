@@ -109,6 +109,13 @@ async def test_bad_inputs_are_clear_tool_errors(server):
         ("score_consistency", {"images": ["img_20260101-000000_deadbeef"]}, "no image with id"),
         ("get_job", {"job_id": "job_nope"}, "no job"),
         ("release_gpu", {"mode": "explode"}, "mode"),
+        # arguments a tool does not take are named, with the real one (pydantic alone drops them silently)
+        ("generate_character", {"character": "luca", "prompt": "x"}, "unknown argument(s) 'prompt' (did you mean "
+                                                                     "'scene_description'?); this tool takes: character,"),
+        ("generate_character", {"character": "luca", "scene_description": "x", "num_inference_steps": 5},
+         "'num_inference_steps' (did you mean 'steps'?)"),
+        ("generate_character", {"character": "luca", "scene_description": "x", "sead": 5}, "'sead' (did you mean 'seed'?)"),
+        ("list_images", {"limit": 5, "extra_field": 1}, "unknown argument(s) 'extra_field'; this tool takes: limit"),
     ]
     async with Client(server) as client:
         for name, args, expected in cases:
@@ -147,6 +154,23 @@ async def test_prompt_template(server):
     assert "luca" in text and "on a vespa" in text and "list_characters" in text
 
 
+@pytest.mark.parametrize(("name", "arguments", "expected"), [
+    ("plan_character_scene", {"character": "luca"}, "needs 'scene'; arguments: character (required), scene (required)"),
+    ("plan_character_scene", {"character": "luca", "scene": ""}, "needs 'scene'"),
+    ("nope", {}, "unknown prompt 'nope'; prompts: plan_character_scene"),
+])
+async def test_prompt_errors_say_what_would_work(server, name, arguments, expected):
+    """The SDK alone answers these with "Internal server error"."""
+    from mcp.shared.exceptions import MCPError
+    from mcp.types import INVALID_PARAMS
+
+    async with Client(server) as client:
+        with pytest.raises(MCPError) as err:
+            await client.get_prompt(name, arguments)
+        assert err.value.code == INVALID_PARAMS and expected in err.value.message
+        assert not (await client.call_tool("list_characters", {})).is_error  # still serving
+
+
 async def test_release_gpu_twice_and_status(server):
     async with Client(server) as client:
         await client.call_tool("generate_character", {"character": "alberto", "scene_description": "x", "seed": 1})
@@ -158,3 +182,17 @@ async def test_release_gpu_twice_and_status(server):
     assert second.structured_content["lease"]["released"] is False
     assert status.structured_content["lease"]["state"] == "free"
     assert status.structured_content["engine"]["profile"] == "tiny"
+
+
+async def test_arguments_without_effect_are_said_and_an_empty_character_means_none(server):
+    async with Client(server) as client:
+        result = await client.call_tool("generate_character", {"character": "luca", "scene_description": "x",
+                                                               "style": "none", "style_weight": 0.5, "seed": 1})
+        notes = result.structured_content["notes"]
+        assert not result.is_error and len(notes) == 1
+        assert notes[0].startswith("style_weight 0.5 had no effect: no style LoRA is used")
+        result = await client.call_tool("generate_with_control", {"prompt": "waving", "pose_preset": "waving",
+                                                                  "character": "", "character_weight": 0.5,
+                                                                  "seed": 1})
+        assert not result.is_error and result.structured_content["character"] is None
+        assert result.structured_content["notes"][0].startswith("character_weight 0.5 had no effect")
