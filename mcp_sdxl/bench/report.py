@@ -73,9 +73,7 @@ def summarise(data: dict, plan: Plan) -> dict:
         for label in cold:
             limit = next((v for k, v in limits.items() if label.endswith(k)), None)
             value = cold[label].get("first_image") if isinstance(cold[label], dict) else None
-            if limit is None:
-                continue
-            if value is not None:
+            if limit is not None and value is not None:
                 targets.append({"target": f"start to first image ({label}) <= {limit} s", "value": value,
                                 "met": value <= limit})
     checks = [s.get("output_check", {}).get("pass") for v in engine.values() if isinstance(v, dict)

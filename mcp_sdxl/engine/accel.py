@@ -176,8 +176,6 @@ def wait_for_compiles(pipe, timeout: float | None = None) -> float:
     """Wait for background compiles (compile: full) to finish; returns the seconds waited (0.0: none ran)."""
     state = getattr(pipe, STATE_ATTR, None) if pipe is not None else None
     busy = [r.compiler for r in (state.runners if state else []) if r.compiler is not None and r.compiler.busy]
-    if timeout is not None and timeout == float("inf"):
-        timeout = None
     started = time.perf_counter()
     for compiler in busy:
         compiler.wait(None if timeout is None else max(0.0, timeout - (time.perf_counter() - started)))

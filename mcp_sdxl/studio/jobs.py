@@ -191,7 +191,7 @@ class JobQueue:
                 except Exception:
                     log.exception("idle hook failed")
         finally:
-            if started:  # a job cancelled while queued was made final by cancel()
+            if started or not job.finished.is_set():  # a job cancelled while queued was made final by cancel()
                 job.result, job.error = result, error
                 job.state = state
                 job.finished_at = time.time()

@@ -140,6 +140,9 @@ class Planner:
         limits = gen.limits
         if isinstance(character, str) and not character.strip():
             character = None  # "" is what models send for "no character" (as for background and style)
+        if kind == "character" and character is None:
+            raise UserInputError(f"give a character: one of {', '.join(self.character_names())} "
+                                 "(generate_with_control draws without one)")
         preset = self.preset(character) if character is not None else None
         if not isinstance(scene_description, str):
             raise UserInputError("scene_description/prompt must be a string")

@@ -116,6 +116,7 @@ async def test_bad_inputs_are_clear_tool_errors(server):
          "'num_inference_steps' (did you mean 'steps'?)"),
         ("generate_character", {"character": "luca", "scene_description": "x", "sead": 5}, "'sead' (did you mean 'seed'?)"),
         ("list_images", {"limit": 5, "extra_field": 1}, "unknown argument(s) 'extra_field'; this tool takes: limit"),
+        ("generate_character", {"character": "", "scene_description": "x"}, "give a character: one of alberto, luca"),
     ]
     async with Client(server) as client:
         for name, args, expected in cases:
