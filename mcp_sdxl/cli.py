@@ -26,7 +26,9 @@ def _settings(args):
 def _parse_http(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
     if not port.isdigit():
-        raise argparse.ArgumentTypeError("use HOST:PORT, e.g. 127.0.0.1:8765")
+        raise argparse.ArgumentTypeError("use HOST:PORT, e.g. 127.0.0.1:8765 or [::1]:8765")
+    if host.startswith("[") and host.endswith("]"):  # an IPv6 address as URLs write it
+        host = host[1:-1]
     return host or "127.0.0.1", int(port)
 
 

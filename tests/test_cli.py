@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 
@@ -66,3 +67,16 @@ def test_profile_sdxl_without_weights_refuses_to_start(home, config_dir):
     )
     assert run.returncode == 2
     assert "SDXL weights" in run.stderr and "profile: tiny" in run.stderr
+
+
+def test_http_address_forms():
+    import argparse
+
+    from mcp_sdxl.cli import _parse_http
+
+    assert _parse_http("127.0.0.1:8765") == ("127.0.0.1", 8765)
+    assert _parse_http(":9000") == ("127.0.0.1", 9000)
+    assert _parse_http("[::1]:8812") == ("::1", 8812)  # IPv6 as URLs write it
+    assert _parse_http("::1:8812") == ("::1", 8812)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"\[::1\]:8765"):
+        _parse_http("localhost")

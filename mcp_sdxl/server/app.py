@@ -140,11 +140,12 @@ def build_server(studio) -> MCPServer:
                 f"running as a background job (estimated {estimate:.0f} s); poll get_job('{job.id}') "
                 "every few seconds; cancel_job stops it"
             )
-            return shaping.data_result(GenerationResult(status="queued", job_id=job.id, estimated_seconds=round(estimate, 1), message=info.message))
+            return shaping.data_result(studio.planned_result(
+                plan, status="queued", job_id=job.id, estimated_seconds=round(estimate, 1), message=info.message))
         finished = await wait_for_job(job, ctx, limits.job_budget_s)
         if not finished:
-            return shaping.data_result(GenerationResult(
-                status=job.state, job_id=job.id, estimated_seconds=round(estimate, 1),
+            return shaping.data_result(studio.planned_result(
+                plan, status=job.state, job_id=job.id, estimated_seconds=round(estimate, 1),
                 message=f"still running; poll get_job('{job.id}') for the result",
             ))
         return job_outcome(job)

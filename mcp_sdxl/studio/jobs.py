@@ -1,8 +1,10 @@
 """A FIFO job queue with one worker thread: the engine runs one job at a time, in arrival order.
 
 Every generation call is a job. A tool call waits for its job and forwards its progress; a call
-that would take longer than a client waits returns the job id instead (poll get_job). A job keeps
-running when its caller disconnects; cancel() stops it at the next denoising step.
+that would take longer than a client waits returns the job id instead (poll get_job). A job started
+with run_as_job keeps running whatever happens to its caller. A call that waits for its job is
+cancelled when the client cancels it, which under the 2026-07-28 protocol includes closing the
+response stream (the SDK's reading of a dropped connection); cancel() stops a job at the next step.
 """
 
 from __future__ import annotations

@@ -139,10 +139,6 @@ class Studio:
                     type=choice.kind, strength=choice.strength, source=source,
                     preprocessed=choice.preprocess and choice.pose_preset is None, control_image_id=stored.id,
                 ))
-            lora_used = [
-                LoraUsed(kind=lo.kind, name=lo.name, weight=lo.weight, trigger_words=lo.entry.trigger_words)
-                for lo in plan.loras
-            ]
             timings: dict[str, float] = {"lease_s": round(lease_s, 4)}
             images: list[StoredImage] = []
             for i, seed in enumerate(plan.seeds):
@@ -169,7 +165,7 @@ class Studio:
                     "cfg_scale": plan.cfg_scale, "scheduler": plan.scheduler, "width": plan.width,
                     "height": plan.height, "quality": plan.quality, "profile": self.engine.profile,
                     "model": self.engine.model_name,
-                    "loras": [lo.model_dump() for lo in lora_used],
+                    "loras": [lo.model_dump() for lo in _loras_used(plan)],
                     "controls": [c.model_dump() for c in control_used],
                     "control_start": plan.control_start, "control_end": plan.control_end,
                     "timings": output.timings, "job_id": job.id,
@@ -188,18 +184,24 @@ class Studio:
             if job.cancel_event.is_set():
                 raise CancelledError("cancelled while scoring; nothing was kept")
             self.store.commit(batch)
-            return GenerationResult(
-                images=infos, control_images=control_images, character=plan.character, prompt=plan.prompt,
-                negative_prompt=plan.negative_prompt, loras=lora_used, controls=control_used,
-                quality=plan.quality, steps=plan.steps, cfg_scale=plan.cfg_scale, scheduler=plan.scheduler,
-                width=plan.width, height=plan.height, profile=self.engine.profile, model=self.engine.model_name,
-                consistency_summary=summary, timings=timings, notes=list(plan.notes),
+            return self.planned_result(
+                plan, images=infos, control_images=control_images, controls=control_used,
+                consistency_summary=summary, timings=timings,
                 message=f"{len(infos)} image(s) generated" + (" by the tiny engine (random weights: images are not meaningful)" if self.engine.profile == "tiny" else ""),
             )
         except BaseException:
             # A failed or cancelled call leaves nothing behind in the store.
             self.store.discard(batch)
             raise
+
+    def planned_result(self, plan, **fields) -> GenerationResult:
+        """A result with the plan's parameters (prompt, LoRAs, size, steps...): the finished call's, and a
+        queued job's, so a model reads what it asked for, not empty defaults."""
+        return GenerationResult(
+            character=plan.character, prompt=plan.prompt, negative_prompt=plan.negative_prompt, loras=_loras_used(plan),
+            quality=plan.quality, steps=plan.steps, cfg_scale=plan.cfg_scale, scheduler=plan.scheduler,
+            width=plan.width, height=plan.height, profile=self.engine.profile, model=self.engine.model_name,
+            notes=list(plan.notes), **fields)
 
     def _control_map(self, choice, width: int, height: int):
         from mcp_sdxl.engine.preprocess import PreprocessSettings, prepare_control
@@ -420,3 +422,8 @@ def _model_ref(value: str | None, model_path) -> str | None:
         return None
     path = model_path(value)
     return str(path) if path.exists() else value
+
+
+def _loras_used(plan: Plan) -> list[LoraUsed]:
+    return [LoraUsed(kind=lo.kind, name=lo.name, weight=lo.weight, trigger_words=lo.entry.trigger_words)
+            for lo in plan.loras]

@@ -177,6 +177,9 @@ async def test_job_flow_cancel_and_expiry(jobs_studio):
         assert not submitted.is_error, text_of(submitted)
         job_id = submitted.structured_content["job_id"]
         assert submitted.structured_content["status"] == "queued" and "get_job" in text_of(submitted)
+        # the queued reply already carries what was asked for (not 0x0, 0 steps)
+        queued = submitted.structured_content
+        assert queued["character"] == "luca" and queued["width"] > 0 and queued["steps"] > 0 and queued["loras"]
         info, result = await poll_job(client, job_id)
         assert info["state"] == "done" and info["progress"]["done"] == info["progress"]["total"] == 4
         ids = [image["id"] for image in info["result"]["images"]]

@@ -54,12 +54,15 @@ async def test_loopback_by_default_and_bearer_token(http_server):
         "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
     headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
     async with httpx2.AsyncClient() as http:
-        for auth in (None, "Bearer wrong", f"Basic {TOKEN}", f"Bearer {TOKEN}x"):
+        for auth in (None, "Bearer wrong", f"Basic {TOKEN}", f"Bearer {TOKEN}x", f"{TOKEN}", "Bearer"):
             extra = {"Authorization": auth} if auth else {}
             response = await http.post(http_server.url, json=hello, headers={**headers, **extra})
             assert response.status_code == 401, (auth, response.status_code)
             assert response.headers["www-authenticate"] == "Bearer"
         ok = await http.post(http_server.url, json=hello, headers={**headers, "Authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == 200, ok.text
+        # the scheme name is case-insensitive (RFC 7235)
+        ok = await http.post(http_server.url, json=hello, headers={**headers, "Authorization": f"bearer {TOKEN}"})
         assert ok.status_code == 200, ok.text
 
     with pytest.raises(Exception):  # noqa: B017 - the SDK raises its own error type for HTTP 401
