@@ -1,12 +1,13 @@
 """Turn flat tool arguments into a validated generation plan (no torch, no GPU: fast to reject).
 
 This is the seed's CharacterGenerator front half: preset + scene + LoRA stack + trigger words +
-quality preset + size + seeds + controls. Every problem raises UserInputError/NotFoundError with
-a message that names what would work.
+quality preset + size + seeds + controls. Problems raise UserInputError/NotFoundError with a
+message that names what would work; plan() reports every problem of a call in one error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import random
@@ -92,6 +93,29 @@ def _pick(names: dict, kind: str, name: str):
     return names[name]
 
 
+class _Problems:
+    """The problems of one request, collected so one error names them all (a model fixes the call in one
+    round instead of one round per field)."""
+
+    def __init__(self):
+        self.errors: list[Exception] = []
+
+    @contextlib.contextmanager
+    def check(self):
+        try:
+            yield
+        except (UserInputError, NotFoundError) as exc:
+            self.errors.append(exc)
+
+    def raise_any(self) -> None:
+        if not self.errors:
+            return
+        if len(self.errors) == 1:
+            raise self.errors[0]
+        kind = NotFoundError if all(isinstance(e, NotFoundError) for e in self.errors) else UserInputError
+        raise kind(f"{len(self.errors)} problems: " + "; ".join(str(e) for e in self.errors))
+
+
 class Planner:
     def __init__(self, settings: Settings, profile: str):
         self.settings = settings
@@ -138,92 +162,120 @@ class Planner:
     ) -> Plan:
         gen = self.settings.sdxl.generation
         limits = gen.limits
+        problems = _Problems()  # every independent problem is checked: one error names them all
         if isinstance(character, str) and not character.strip():
             character = None  # "" is what models send for "no character" (as for background and style)
-        if kind == "character" and character is None:
-            raise UserInputError(f"give a character: one of {', '.join(self.character_names())} "
-                                 "(generate_with_control draws without one)")
-        preset = self.preset(character) if character is not None else None
-        if not isinstance(scene_description, str):
-            raise UserInputError("scene_description/prompt must be a string")
-        if len(scene_description) > 4000 or len(negative_prompt or "") > 4000:
-            raise UserInputError("prompts are limited to 4000 characters; shorten the description")
-        if preset is None and not scene_description.strip():
-            raise UserInputError("give a prompt (or a character) describing the image")
+        preset = None
+        with problems.check():
+            if kind == "character" and character is None:
+                raise UserInputError(f"give a character: one of {', '.join(self.character_names())} "
+                                     "(generate_with_control draws without one)")
+            preset = self.preset(character) if character is not None else None
+        with problems.check():
+            if not isinstance(scene_description, str):
+                raise UserInputError("scene_description/prompt must be a string")
+            if len(scene_description) > 4000 or len(negative_prompt or "") > 4000:
+                raise UserInputError("prompts are limited to 4000 characters; shorten the description")
+            if character is None and not scene_description.strip():
+                raise UserInputError("give a prompt (or a character) describing the image")
 
         notes: list[str] = []
-        loras = self._loras(preset, background, style, character_weight, background_weight, style_weight, notes)
-        triggers = [w for lo in loras if lo.weight > 0 for w in lo.entry.trigger_words]
-        prompt = compose_prompt([preset.base_prompt if preset else "", scene_description], triggers)
-        negative = merge_negative(preset.negative_prompt if preset else "", negative_prompt)
+        loras = self._loras(preset, background, style, character_weight, background_weight, style_weight, notes,
+                            problems)
 
         quality = quality or gen.default_quality
-        if quality not in gen.quality_presets:
-            raise UserInputError(f"unknown quality {quality!r}; use one of {', '.join(gen.quality_presets)}")
-        q = gen.quality_presets[quality]
+        with problems.check():
+            if quality not in gen.quality_presets:
+                raise UserInputError(f"unknown quality {quality!r}; use one of {', '.join(gen.quality_presets)}")
+        q = gen.quality_presets.get(quality) or gen.quality_presets[gen.default_quality]
         params = preset.generation_params if preset else None
         # A preset's own steps/cfg refine the default ('standard') quality; draft/high stay what they say.
         # (cfg used to come from the preset for every quality, so luca's 'high' ran at 7.5 instead of 8.0.)
         refine = params if params is not None and quality == gen.default_quality else None
         base_steps = refine.steps if refine is not None and refine.steps is not None else q.steps
-        if steps is not None:
-            base_steps = int(_finite("steps", steps, 1, limits.max_steps))
-        elif self.profile == "tiny":
+        if steps is None and self.profile == "tiny":
             base_steps = max(2, round(base_steps * self.settings.sdxl.tiny.steps_scale))
+        with problems.check():
+            if steps is not None:
+                base_steps = int(_finite("steps", steps, 1, limits.max_steps))
         if cfg_scale is None:
             cfg_scale = refine.cfg_scale if refine is not None and refine.cfg_scale is not None else q.cfg_scale
-        cfg = _finite("cfg_scale", cfg_scale, 0.0, 30.0)
+        cfg = q.cfg_scale
+        with problems.check():
+            cfg = _finite("cfg_scale", cfg_scale, 0.0, 30.0)
         scheduler = (params.scheduler if params and params.scheduler else None) or gen.scheduler
 
-        width, height = self._size(preset, width, height)
-        count = int(_finite("num_candidates", num_candidates, 1, limits.max_candidates))
+        size = (0, 0)
+        with problems.check():
+            size = self._size(preset, width, height)
+        width, height = size
+        count = 1
+        with problems.check():
+            count = int(_finite("num_candidates", num_candidates, 1, limits.max_candidates))
         if seed is None or (seed == -1 and not isinstance(seed, bool)):  # -1: random, as in most SD front ends
             seed = random.randint(0, 2**31 - 1)
-        seed = int(_finite("seed", seed, 0, 2**32 - 1 - count))
-        if threshold is not None:
-            threshold = _finite("threshold", threshold, 0.0, 1.0)
-        control_start = _finite("control_start", control_start, 0.0, 1.0)
-        control_end = _finite("control_end", control_end, 0.0, 1.0)
-        if control_start >= control_end:
-            raise UserInputError(f"control_start ({control_start}) must be below control_end ({control_end})")
+        with problems.check():
+            seed = int(_finite("seed", seed, 0, 2**32 - 1 - count))
+        with problems.check():
+            if threshold is not None:
+                threshold = _finite("threshold", threshold, 0.0, 1.0)
+        window = []
+        for name, value in (("control_start", control_start), ("control_end", control_end)):
+            with problems.check():
+                window.append(_finite(name, value, 0.0, 1.0))
+        with problems.check():
+            if len(window) == 2 and window[0] >= window[1]:
+                raise UserInputError(f"control_start ({window[0]:g}) must be below control_end ({window[1]:g})")
+        problems.raise_any()
 
+        control_start, control_end = window
         return Plan(
-            kind=kind, character=character, prompt=prompt, negative_prompt=negative, loras=loras,
+            kind=kind, character=character, prompt=compose_prompt(
+                [preset.base_prompt if preset else "", scene_description],
+                [w for lo in loras if lo.weight > 0 for w in lo.entry.trigger_words]),
+            negative_prompt=merge_negative(preset.negative_prompt if preset else "", negative_prompt), loras=loras,
             quality=quality, steps=base_steps, cfg_scale=cfg, scheduler=scheduler, width=width, height=height,
             seeds=[seed + i for i in range(count)], filter_consistency=bool(filter_consistency),
             threshold=threshold, controls=controls or [], control_start=control_start, control_end=control_end,
             notes=notes,
         )
 
-    def _loras(self, preset, background, style, character_weight, background_weight, style_weight, notes):
+    def _loras(self, preset, background, style, character_weight, background_weight, style_weight, notes,
+               problems: _Problems):
         registry = self.settings.loras
         chosen: list[LoraChoice] = []
-        if preset is not None and preset.lora_name:
-            entry = registry.characters[preset.lora_name]
-            if character_weight is not None:
-                weight = character_weight
-            else:  # `is not None`: a preset weight of 0.0 means "off", not "registry default"
-                weight = preset.lora_weight if preset.lora_weight is not None else entry.default_weight
-            chosen.append(LoraChoice("character", preset.lora_name, _finite("character_weight", weight, 0, 1), entry))
-        elif character_weight is not None:
-            _finite("character_weight", character_weight, 0, 1)
-        if background:
-            entry = _pick(registry.backgrounds, "background", background)
-            weight = background_weight if background_weight is not None else entry.default_weight
-            chosen.append(LoraChoice("background", background, _finite("background_weight", weight, 0, 1), entry))
+        with problems.check():
+            if preset is not None and preset.lora_name:
+                entry = registry.characters[preset.lora_name]
+                if character_weight is not None:
+                    weight = character_weight
+                else:  # `is not None`: a preset weight of 0.0 means "off", not "registry default"
+                    weight = preset.lora_weight if preset.lora_weight is not None else entry.default_weight
+                chosen.append(LoraChoice("character", preset.lora_name, _finite("character_weight", weight, 0, 1),
+                                         entry))
+            elif character_weight is not None:
+                _finite("character_weight", character_weight, 0, 1)
+        with problems.check():
+            if background:
+                entry = _pick(registry.backgrounds, "background", background)
+                weight = background_weight if background_weight is not None else entry.default_weight
+                chosen.append(LoraChoice("background", background, _finite("background_weight", weight, 0, 1),
+                                         entry))
+            elif background_weight is not None:
+                _finite("background_weight", background_weight, 0, 1)
         if style is None and preset is not None:
             style = preset.default_style
-        if style and style != "none":
-            entry = _pick(registry.styles, "style", style)
-            weight = style_weight if style_weight is not None else entry.default_weight
-            chosen.append(LoraChoice("style", style, _finite("style_weight", weight, 0, 1), entry))
-        for name, value in (("background_weight", background_weight), ("style_weight", style_weight)):
-            if value is not None:
-                _finite(name, value, 0, 1)
+        with problems.check():
+            if style and style != "none":
+                entry = _pick(registry.styles, "style", style)
+                weight = style_weight if style_weight is not None else entry.default_weight
+                chosen.append(LoraChoice("style", style, _finite("style_weight", weight, 0, 1), entry))
+            elif style_weight is not None:
+                _finite("style_weight", style_weight, 0, 1)
         used = {c.kind for c in chosen}
         for kind, value in (("character", character_weight), ("background", background_weight),
                             ("style", style_weight)):
-            if value is not None and kind not in used:
+            if isinstance(value, (int, float)) and kind not in used:
                 notes.append(f"{kind}_weight {value:g} had no effect: no {kind} LoRA is used in this call "
                              f"(give {kind}=<name>; see list_characters)")
         return chosen

@@ -63,6 +63,21 @@ def test_unknown_names_are_not_found_errors_listing_the_valid_ones(planner):
         plan(planner, background="porto rosso")
 
 
+def test_one_error_names_every_problem_of_the_call(planner):
+    """A model fixes the call in one round, not one round per field."""
+    with pytest.raises(UserInputError) as err:
+        plan(planner, style="pixr", steps=500, width=100, num_candidates=20, cfg_scale=-3, control_start=0.9,
+             control_end=0.1)
+    message = str(err.value)
+    assert message.startswith("6 problems: ")
+    for part in ("unknown style 'pixr'; did you mean 'pixar_3d'?", "steps must be in [1, 100], got 500",
+                 "cfg_scale must be in [0, 30], got -3", "width must be a multiple of 32",
+                 "num_candidates must be in [1, 8], got 20", "control_start (0.9) must be below control_end (0.1)"):
+        assert part in message, (part, message)
+    with pytest.raises(NotFoundError, match=r"^2 problems: unknown character 'lucca'.*; unknown background"):
+        plan(planner, character="lucca", background="venice")
+
+
 def test_seed_minus_one_is_random_and_bounds_read_as_integers(planner):
     seeds = {planner.plan(kind="character", character="luca", scene_description="x", seed=-1).seeds[0]
              for _ in range(5)}
