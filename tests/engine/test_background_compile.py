@@ -1,0 +1,221 @@
+"""The background compile (compile: full, mcp_sdxl/engine/background_compile.py) with the GraphRunner, on
+the CPU: a real torch.compile whose backend records the thread it runs on (and takes its time, or fails),
+so the tests see what a multi-minute SDXL compile would do to the calls served meanwhile."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+
+from mcp_sdxl.engine import accel, cuda_graphs
+from mcp_sdxl.engine.background_compile import SERVING_SWITCH_INTERVAL_S, BackgroundCompiler, _short_switch_interval
+from tests.engine.graph_helpers import CpuGraphs, FakePipe, Net, tiny_engine
+
+
+def _compiled_runner(state, net, backend, name: str, **kwargs):
+    """`net` under a GraphRunner (CPU graphs) whose BackgroundCompiler compiles with `backend`."""
+    compiler = BackgroundCompiler(torch.compile(net.forward, backend=backend, dynamic=False), name=name)
+    runner = accel.install_graphs(state, net, net.forward, name=name, backend=CpuGraphs(), compiler=compiler, **kwargs)
+    return compiler, runner
+
+
+def test_full_compile_runs_in_the_background_and_never_blocks_a_call(tmp_path, tiny_cache):
+    """compile: full on the real tiny pipeline, its UNet under a GraphRunner with a BackgroundCompiler.
+    The compile backend is a real torch.compile backend that records its thread and takes its time (the
+    full SDXL compile takes minutes): images keep coming at the plain forward's speed meanwhile, nothing
+    compiles on the caller's thread, and once compiled the UNet runs the compiled graph, same image."""
+    engine, request, want = tiny_engine(tmp_path, tiny_cache)
+
+    compiled_on, delay = [], 4.0
+
+    def slow_backend(graph_module, example_inputs):
+        compiled_on.append(threading.current_thread().name)
+        time.sleep(delay)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    unet = engine.pipe.unet
+    compiler, runner = _compiled_runner(accel.state_of(engine.pipe), unet, slow_backend, "unet")
+    started = time.perf_counter()
+    first = np.asarray(engine.generate(request).image)  # step 2 captures the plain graph, step 3 submits
+    first_s = time.perf_counter() - started
+    assert compiler.busy and first_s < delay  # the call did not wait for the compile
+    assert np.array_equal(first, want)
+    assert accel.holds_graphs(engine.pipe) and runner.stats["captures"] == 1
+    while_compiling = np.asarray(engine.generate(request).image)  # replays the plain graph meanwhile
+    assert np.array_equal(while_compiling, want)
+    assert compiler.wait(timeout=300) and compiler.stats["compiles"] == 1 and compiler.ready
+    assert compiled_on and all(name == "compile-unet" for name in compiled_on)
+    calls = len(compiled_on)
+    compiled = np.asarray(engine.generate(request).image)
+    assert len(compiled_on) == calls  # the caller's thread ran the compiled graph without compiling anything
+    assert runner.stats.get("compiled_eager", 0) >= 1 and runner.stats["captures"] == 2
+    assert np.abs(compiled.astype(int) - want.astype(int)).max() <= 1
+    stats = accel.graph_stats(engine.pipe)["unet"]["background_compile"]
+    assert stats["compiles"] == 1 and not stats["busy"]
+    torch._dynamo.reset()
+
+
+@torch.inference_mode()
+def test_background_compiles_run_one_at_a_time_in_a_pipeline():
+    """compile: full puts the UNet and each ControlNet under a BackgroundCompiler. While the UNet compiles,
+    the ControlNet's signature is served by its plain graph and not handed to its compiler; once the
+    UNet's compile is done, the ControlNet's next call starts its own."""
+    gate = threading.Event()
+    compiled_names = []
+
+    def gated_backend(graph_module, example_inputs):
+        compiled_names.append(threading.current_thread().name)
+        gate.wait(60)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    pipe = FakePipe()
+    state = accel.state_of(pipe)
+    nets, compilers, runners = [], [], []
+    for name in ("unet", "controlnet1"):
+        net = Net()
+        compiler, runner = _compiled_runner(state, net, gated_backend, name)
+        runners.append(runner)
+        nets.append(net)
+        compilers.append(compiler)
+    x = torch.randn(2, 4)
+    nets[1](x), nets[1](x)  # the ControlNet's plain graph first: eager, captured (its next call would submit)
+    assert runners[1].entries and not compilers[1].busy
+    nets[0](x), nets[0](x), nets[0](x)  # eager, captured, then a replay that hands the signature to the compiler
+    assert compilers[0].busy
+    replays = runners[1].stats["replays"]
+    out = nets[1](x)
+    assert runners[1].stats["replays"] == replays + 1  # served by its plain graph meanwhile
+    assert not compilers[1].busy and not compilers[1].ready  # and not compiled while the UNet compiles
+    assert torch.allclose(out["y"], Net.forward.__get__(nets[1])(x)["y"])
+    gate.set()
+    assert compilers[0].wait(60) and compilers[0].ready
+    nets[1](x)  # nothing compiling now: this replay starts the ControlNet's compile
+    assert compilers[1].wait(60) and compilers[1].ready and compilers[1].stats["compiles"] == 1
+    # both off the caller's thread (the second reuses dynamo's code for the same forward: no backend call)
+    assert compiled_names == ["compile-unet"]
+    torch._dynamo.reset()
+
+
+@torch.inference_mode()
+def test_lora_switch_keeps_the_compiled_graph_without_a_new_compile():
+    """A LoRA switch changes weights in place and bumps the structure version: the compiled forward's graph
+    replays the new weights at once (no background re-compile, no eager steps meanwhile)."""
+    threads = []
+
+    def backend(graph_module, example_inputs):
+        threads.append(threading.current_thread().name)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    pipe, net = FakePipe(), Net()
+    state = accel.state_of(pipe)
+    compiler, runner = _compiled_runner(state, net, backend, "unet")
+    x = torch.randn(2, 4)
+    for _ in range(3):
+        net(x)
+    assert compiler.wait(60) and compiler.stats["compiles"] == 1
+    net(x), net(x)  # the compiled forward: once as it is, then captured
+    assert any(key[1] for key in runner.entries)
+    eager_before = runner.stats["eager"]
+    net.lin.weight.mul_(3)  # what a fused LoRA does to a weight, and the version bump lora_update makes
+    state.version += 1
+    out = net(x)
+    assert torch.allclose(out["y"], Net.forward.__get__(net)(x)["y"])  # the new weights
+    assert not compiler.busy and compiler.stats["compiles"] == 1 and runner.stats["eager"] == eager_before
+    assert threads == ["compile-unet"]
+    torch._dynamo.reset()
+
+
+class ScaledNet(torch.nn.Module):
+    """A ControlNet's calling convention: conditioning_scale (5th argument) multiplies every output."""
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, t, cond, image, conditioning_scale=1.0, residual=None):
+        y = self.lin(x) + (0 if residual is None else residual)
+        return ((y * conditioning_scale, (y + 1) * conditioning_scale), y.mean() * conditioning_scale)
+
+
+@torch.inference_mode()
+def test_explicit_none_is_the_same_signature_and_strengths_share_the_compiled_forward():
+    """`residual=None` (what a ControlNet pipeline passes outside its window) replays the graph captured
+    without it; a strength other than 1.0 runs the compiled forward at 1.0 and scales after: no recompile."""
+    compiles = []
+
+    def backend(graph_module, example_inputs):
+        compiles.append(threading.current_thread().name)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    pipe, net = FakePipe(), ScaledNet()
+    state = accel.state_of(pipe)
+    compiler, runner = _compiled_runner(state, net, backend, "controlnet", scale_arg=(4, "conditioning_scale"))
+    eager = ScaledNet.forward.__get__(net)
+    x, t, cond, image = (torch.randn(2, 4) for _ in range(4))
+    net(x, t, cond, image, 1.0), net(x, t, cond, image, 1.0)  # eager, then captured
+    replays = runner.stats["replays"]
+    out = net(x, t, cond, image, 1.0, residual=None)
+    assert runner.stats["replays"] == replays + 1 and runner.stats["captures"] == 1  # the same graph
+    assert torch.allclose(out[0][0], eager(x, t, cond, image, 1.0)[0][0])
+    assert compiler.wait(60) and compiler.ready and compiles == ["compile-controlnet"]
+    out = net(x, t, cond, image, 0.7)  # the compiled forward's first call here: no graph yet
+    assert runner.stats["compiled_eager"] == 1
+    want = eager(x, t, cond, image, 0.7)
+    assert torch.allclose(out[0][1], want[0][1]) and torch.allclose(out[1], want[1])
+    net(x, t, cond, image, 0.3)  # captured; then replayed at another strength
+    out = net(x, t, cond, image, 0.5, residual=None)
+    assert torch.allclose(out[0][0], eager(x, t, cond, image, 0.5)[0][0])
+    assert compiles == ["compile-controlnet"]  # no strength recompiled anything, on any thread
+    torch._dynamo.reset()
+
+
+def test_short_switch_interval_lasts_while_any_compile_runs():
+
+
+    before = sys.getswitchinterval()
+    _short_switch_interval.__enter__()  # two compiles overlapping (two engines in one process)
+    _short_switch_interval.__enter__()
+    _short_switch_interval.__exit__(None, None, None)
+    assert abs(sys.getswitchinterval() - SERVING_SWITCH_INTERVAL_S) < 1e-9  # the other one still compiles
+    _short_switch_interval.__exit__(None, None, None)
+    assert sys.getswitchinterval() == before
+
+
+@torch.inference_mode()
+def test_a_compile_run_out_of_gpu_memory_is_tried_again_then_given_up():
+    fails = {"left": 1}
+
+    def backend(graph_module, example_inputs):
+        def run(*args):
+            if fails["left"]:
+                fails["left"] -= 1
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return graph_module.forward(*args)
+
+        return run
+
+    torch._dynamo.reset()
+    net = Net()
+    compiler = BackgroundCompiler(torch.compile(net.forward, backend=backend, dynamic=False), name="unet")
+    x = torch.randn(2, 4)
+    leaves: list = []
+    structure = cuda_graphs._flatten(((x,), {}), leaves)
+    assert compiler.submit("sig", 0, structure, leaves) and compiler.wait(60)
+    assert compiler.wanted("sig", 0) and not compiler.ready  # memory may be free next time: not given up
+    assert compiler.submit("sig", 0, structure, leaves) and compiler.wait(60)
+    assert compiler.ready == {"sig": 0} and compiler.stats["failures"] == 1
+    fails["left"] = 2
+    torch._dynamo.reset()
+    for _ in range(2):  # out of memory twice on one signature: stays on the plain forward
+        assert compiler.submit("other", 0, structure, leaves) and compiler.wait(60)
+    assert not compiler.wanted("other", 0) and "other" not in compiler.ready
+    torch._dynamo.reset()
+
+
