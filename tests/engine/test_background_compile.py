@@ -177,8 +177,6 @@ def test_explicit_none_is_the_same_signature_and_strengths_share_the_compiled_fo
 
 
 def test_short_switch_interval_lasts_while_any_compile_runs():
-
-
     before = sys.getswitchinterval()
     _short_switch_interval.__enter__()  # two compiles overlapping (two engines in one process)
     _short_switch_interval.__enter__()
