@@ -136,9 +136,10 @@ def build_server(studio) -> MCPServer:
         job = studio.submit(plan)
         if run_as_job or estimate > limits.job_budget_s:
             info = studio.job_info(job)
+            after = f", after {info.ahead} call(s) ahead of it" if info.ahead else ""
             info.message = (
-                f"running as a background job (estimated {estimate:.0f} s); poll get_job('{job.id}') "
-                "every few seconds; cancel_job stops it"
+                f"running as a background job (estimated {estimate:.0f} s of work{after}); poll "
+                f"get_job('{job.id}') every few seconds; cancel_job stops it"
             )
             return shaping.data_result(studio.planned_result(
                 plan, status="queued", job_id=job.id, estimated_seconds=round(estimate, 1), message=info.message))

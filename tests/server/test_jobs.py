@@ -239,6 +239,11 @@ async def test_calls_are_served_in_arrival_order_and_queue_limit_is_clear(jobs_s
         tg.start_soon(call, 1000)
         while studio.jobs.snapshot()["running"] is None:
             await anyio.sleep(0.01)
+        # a job queued behind the blocker says so (its estimate is its own work only), and cancels at once
+        queued = await client.call_tool("generate_character", small(seed=9, run_as_job=True))
+        assert "s of work, after 1 call(s) ahead of it)" in queued.structured_content["message"]
+        cancelled = await client.call_tool("cancel_job", {"job_id": queued.structured_content["job_id"]})
+        assert cancelled.structured_content["state"] == "cancelled"
         for seed in (3, 1, 2):
             tg.start_soon(call, seed)
             await anyio.sleep(0.05)
