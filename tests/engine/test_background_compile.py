@@ -16,6 +16,18 @@ from mcp_sdxl.engine.background_compile import SERVING_SWITCH_INTERVAL_S, Backgr
 from tests.engine.graph_helpers import CpuGraphs, FakePipe, Net, tiny_engine
 
 
+def _recording_backend(threads: list, then=None):
+    """A torch.compile backend that records the thread each compile runs on (then waits, if asked) and
+    returns the traced graph unchanged."""
+    def backend(graph_module, example_inputs):
+        threads.append(threading.current_thread().name)
+        if then is not None:
+            then()
+        return graph_module.forward
+
+    return backend
+
+
 def _compiled_runner(state, net, backend, name: str, **kwargs):
     """`net` under a GraphRunner (CPU graphs) whose BackgroundCompiler compiles with `backend`."""
     compiler = BackgroundCompiler(torch.compile(net.forward, backend=backend, dynamic=False), name=name)
@@ -31,11 +43,7 @@ def test_full_compile_runs_in_the_background_and_never_blocks_a_call(tmp_path, t
     engine, request, want = tiny_engine(tmp_path, tiny_cache)
 
     compiled_on, delay = [], 4.0
-
-    def slow_backend(graph_module, example_inputs):
-        compiled_on.append(threading.current_thread().name)
-        time.sleep(delay)
-        return graph_module.forward
+    slow_backend = _recording_backend(compiled_on, then=lambda: time.sleep(delay))
 
     torch._dynamo.reset()
     unet = engine.pipe.unet
@@ -67,11 +75,7 @@ def test_background_compiles_run_one_at_a_time_in_a_pipeline():
     UNet's compile is done, the ControlNet's next call starts its own."""
     gate = threading.Event()
     compiled_names = []
-
-    def gated_backend(graph_module, example_inputs):
-        compiled_names.append(threading.current_thread().name)
-        gate.wait(60)
-        return graph_module.forward
+    gated_backend = _recording_backend(compiled_names, then=lambda: gate.wait(60))
 
     torch._dynamo.reset()
     pipe = FakePipe()
@@ -107,10 +111,7 @@ def test_lora_switch_keeps_the_compiled_graph_without_a_new_compile():
     """A LoRA switch changes weights in place and bumps the structure version: the compiled forward's graph
     replays the new weights at once (no background re-compile, no eager steps meanwhile)."""
     threads = []
-
-    def backend(graph_module, example_inputs):
-        threads.append(threading.current_thread().name)
-        return graph_module.forward
+    backend = _recording_backend(threads)
 
     torch._dynamo.reset()
     pipe, net = FakePipe(), Net()
@@ -148,10 +149,7 @@ def test_explicit_none_is_the_same_signature_and_strengths_share_the_compiled_fo
     """`residual=None` (what a ControlNet pipeline passes outside its window) replays the graph captured
     without it; a strength other than 1.0 runs the compiled forward at 1.0 and scales after: no recompile."""
     compiles = []
-
-    def backend(graph_module, example_inputs):
-        compiles.append(threading.current_thread().name)
-        return graph_module.forward
+    backend = _recording_backend(compiles)
 
     torch._dynamo.reset()
     pipe, net = FakePipe(), ScaledNet()

@@ -29,13 +29,19 @@ def _blocking(gate: threading.Event, log: list, name: str):
     return run
 
 
+def _running(queue: JobQueue, gate: threading.Event, order: list, name: str):
+    """Submit a job that holds the worker until `gate` is set; returns it once it runs."""
+    job = queue.submit("t", 1, _blocking(gate, order, name))
+    while job.state != "running":
+        time.sleep(0.005)
+    return job
+
+
 def test_queue_is_fifo_and_busy_error_counts_what_is_ahead():
     queue = JobQueue(limit=2, ttl_s=60)
     gate, order = threading.Event(), []
     try:
-        first = queue.submit("t", 1, _blocking(gate, order, "first"))
-        while first.state != "running":
-            time.sleep(0.005)
+        first = _running(queue, gate, order, "first")
         second = queue.submit("t", 1, _blocking(gate, order, "second"))
         third = queue.submit("t", 1, _blocking(gate, order, "third"))
         with pytest.raises(BusyError, match=r"busy: 3 calls ahead of this one \(queue limit 2\)"):
@@ -63,9 +69,7 @@ def test_a_job_cancelled_while_queued_never_runs_and_the_idle_hook_still_comes()
     queue = JobQueue(limit=4, ttl_s=60, on_idle=idle.set)
     gate, order = threading.Event(), []
     try:
-        first = queue.submit("t", 1, _blocking(gate, order, "first"))
-        while first.state != "running":
-            time.sleep(0.005)
+        first = _running(queue, gate, order, "first")
         last = queue.submit("t", 1, _blocking(gate, order, "last"))
         last.cancel()
         finished_at = last.finished_at
