@@ -110,7 +110,8 @@ def run_engine_variant(settings, plan: Plan, assets: Assets, maps: dict, vram: V
                     return output.image, output.timings
 
                 result = measure(plan, vram, once, settle=lambda: accel.wait_for_compiles(
-                    engine.pipe, timeout=max(0.0, plan.left() - 60)), busy=lambda: accel.compiling(engine.pipe))
+                    engine.pipe, timeout=max(0.0, plan.left() - 60)), busy=lambda: accel.compiling(engine.pipe),
+                    changes=lambda: graph_changes(engine.pipe))
                 image = result.pop("_image")
                 ref_name = "base" if scenario == "base_callback" else scenario
                 ref = report.data["reference"].get(ref_name, {})
@@ -132,7 +133,7 @@ def run_engine_variant(settings, plan: Plan, assets: Assets, maps: dict, vram: V
         out["graphs"] = accel.graph_stats(engine.pipe) if engine.pipe is not None else {}
         if engine.pipe is not None:
             st = accel.state_of(engine.pipe)
-            out["graph_policy"] = {"one_family": st.one_family, "captures_off": st.captures_off}
+            out["graph_policy"] = {"one_family": st.one_family, "graphless": [repr(f) for f in st.graphless]}
         if main and plan.left() > 60:
             release = out["release"] = {}
             try:
@@ -147,8 +148,22 @@ def run_engine_variant(settings, plan: Plan, assets: Assets, maps: dict, vram: V
         del engine
         _free()
         _set_cudnn_benchmark(cudnn_before)
+        if out.get("levers_applied", {}).get("expandable_segments"):
+            accel.set_expandable_segments(False)  # the next variant starts as configured
         out["after_unload"] = vram.now()
         report.save()
+
+
+def graph_changes(pipe) -> tuple:
+    """What a steady call does not change: each runner's captures, resets and compiles."""
+    from mcp_sdxl.engine import accel
+
+    out = []
+    for name, stats in sorted(accel.graph_stats(pipe).items()):
+        compile_stats = stats.get("background_compile", {})
+        out.append((name, stats.get("captures", 0), stats.get("resets", 0), compile_stats.get("compiles", 0),
+                    compile_stats.get("failures", 0)))
+    return tuple(out)
 
 
 def _cudnn_benchmark() -> bool:

@@ -52,6 +52,9 @@ VARIANTS: dict[str, dict | None] = {
     "full": dict(compile="full"),
     "compile-regional": dict(compile="regional"),
     "one-kind": dict(graphs_keep="one_kind"),
+    "expandable": dict(expandable_segments=True),
+    "no-expandable": dict(expandable_segments=False),
+    "one-kind+expandable": dict(graphs_keep="one_kind", expandable_segments=True),
     "vae-bf16": dict(vae_dtype="bfloat16"),
     "vae-fp32": dict(vae_dtype="auto"),
     "no-compile": dict(compile="off"),
@@ -225,11 +228,13 @@ def scenario_inputs(name: str, assets: Assets, maps: dict) -> dict:
     raise ValueError(name)
 
 
-def measure(plan: Plan, vram: Vram, run_once, settle=None, busy=None) -> dict:
+def measure(plan: Plan, vram: Vram, run_once, settle=None, busy=None, changes=None) -> dict:
     """Warm-up(s) then repeats of `run_once()` -> (image, info); wall seconds with the GPU synchronised.
-    With a background compile (`busy()` says one runs): after the warm-ups, `settle()` waits for it and one
-    more untimed call captures the new graphs (and may start the next compile: UNet, then ControlNet),
-    until none runs; a compile still running at the timed repeats is recorded."""
+    With a background compile (`busy()` says one runs, `changes()` counts captures and compiles): after the
+    warm-ups, untimed calls run until one starts and ends with nothing compiling and nothing new captured
+    or compiled (`settle()` waits for a running compile first). A compile is handed over by a call, so
+    "nothing running" after the warm-ups alone is not steady: the UNet's compile may start on the next
+    call, after the ControlNet's. A compile still running at the timed repeats is recorded."""
     vram.reset()
     times, infos, images = [], [], []
     first_s = None
@@ -238,10 +243,14 @@ def measure(plan: Plan, vram: Vram, run_once, settle=None, busy=None) -> dict:
         if i == plan.warmups and settle is not None and busy is not None:
             waited = 0.0
             for _ in range(8):
-                if not busy() or plan.left() < 60:
+                if plan.left() < 60:
                     break
-                waited += settle()
+                if busy():
+                    waited += settle()
+                before = changes() if changes is not None else None
                 run_once()
+                if not busy() and (changes is None or changes() == before):
+                    break
         _sync()
         started = time.perf_counter()
         image, info = run_once()

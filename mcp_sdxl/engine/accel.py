@@ -62,11 +62,30 @@ class AccelState:
     fused_qkv: bool = False
     strip_lora: bool = False  # set on CUDA when performance.strip_lora_wrappers
     # Memory policy for graphs (see begin_call / after_oom): under a VRAM cap, or after an out-of-memory
-    # error, only the graphs of one kind of call are kept; after a second one, no new graphs are captured.
+    # error, only the graphs of one kind of call are kept; a kind that runs out of memory with its own
+    # graphs alone runs without graphs from then on (other kinds keep theirs).
     one_family: bool = False
     family: Any = None  # the kind of call (size, ControlNets, CFG) the graphs held now belong to
-    captures_off: bool = False
+    graphless: set = field(default_factory=set)  # kinds of call that capture no graphs
     applied: dict = field(default_factory=dict)  # lever -> what was done (for status / the benchmark)
+
+    @property
+    def captures_off(self) -> bool:
+        """The current kind of call captures no new graphs."""
+        return self.family in self.graphless
+
+
+def set_expandable_segments(on: bool) -> bool:
+    """Switch the CUDA allocator's expandable segments for the memory it maps from now on; False when
+    PYTORCH_CUDA_ALLOC_CONF already says (the user's setting wins) or this torch cannot."""
+    if "expandable_segments" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        return False
+    try:
+        torch.cuda.memory._set_allocator_settings(f"expandable_segments:{on}")
+    except Exception as exc:  # a private torch API: an older or newer torch may lack it
+        log.warning("expandable_segments not applied: %s", exc)
+        return False
+    return True
 
 
 def state_of(pipe) -> AccelState:
@@ -87,6 +106,8 @@ def optimize_pipeline(pipe, performance, device: torch.device, cache_root: Path 
     if state.device.type != "cuda":
         return state
     applied = state.applied
+    if getattr(performance, "expandable_segments", False) and set_expandable_segments(True):
+        applied["expandable_segments"] = True
     # The engine loads on the CPU and then moves the pipeline; layout changes and fusions are much
     # faster on the GPU (10.8 s -> ~3 s for SDXL), so move first (the engine's own move is then a no-op).
     pipe.to(state.device)
@@ -212,20 +233,37 @@ def begin_call(pipe, family) -> None:
     state.family = family
 
 
-def after_oom(pipe) -> bool:
-    """The GPU ran out of memory: give back the graphs' memory first. True when something was given back
-    (the call is worth one more try). The first time, graphs of other kinds of call go and one kind is kept
-    from then on; when it strikes again with one kind only, no new graphs are captured at all."""
+def after_oom(pipe, compile_wait_s: float = 600.0) -> bool:
+    """The GPU ran out of memory: give back what we hold beyond the weights. True when something was given
+    back (the call is worth one more try).
+
+    A background compile (compile: full) runs its own forward pass beside the call's, so while one runs the
+    call waits for it to end (its activations go with it) and the graph policy stays: measured under a
+    15.5 GiB cap (H200, docs/bench/), two ControlNets ran out of memory just as the UNet's compile ended,
+    and the plain retry failed too. Otherwise: the first time, graphs of other kinds of call go and one
+    kind is kept from then on; when it strikes again with one kind only, that kind captures no graphs
+    from then on (measured: 2 ControlNets under the cap then ran at 2.6-3.2 s, and the base image, whose
+    graphs fit, fell from 1.11 to 1.35 s while this was one switch for every kind)."""
     state = getattr(pipe, STATE_ATTR, None) if pipe is not None else None
-    if state is None or not holds_graphs(pipe):
+    if state is None:
+        return False
+    if _compiling(state):
+        waited = wait_for_compiles(pipe, timeout=compile_wait_s)
+        state.one_family = True
+        release(pipe, moving_weights=False)
+        _empty_cuda_cache()
+        log.warning("out of GPU memory while a background compile ran: waited %.1f s for it, graphs dropped",
+                    waited)
+        return True
+    if not holds_graphs(pipe):
         return False  # eager alone does not fit: nothing of ours to give back
     if state.one_family:
-        state.captures_off = True
+        state.graphless.add(state.family)
     state.one_family = True
     release(pipe, moving_weights=False)
     _empty_cuda_cache()
-    log.warning("out of GPU memory: CUDA graphs dropped (%s)",
-                "no new graphs from now on" if state.captures_off else "keeping one kind of call from now on")
+    log.warning("out of GPU memory: CUDA graphs dropped (%s)", "this kind of call runs without graphs from now on"
+                if state.captures_off else "keeping one kind of call's from now on")
     return True
 
 

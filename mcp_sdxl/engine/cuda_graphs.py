@@ -72,6 +72,9 @@ class CudaGraphBackend:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             out = fn()
+        # the warm-up's activations were freed on a side stream: cached for that stream only, they would sit
+        # reserved beside the main stream's own blocks (graph pools are not touched by empty_cache)
+        torch.cuda.empty_cache()
         return graph, out, graph.pool()
 
     def replay(self, graph) -> None:

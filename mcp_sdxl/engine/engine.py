@@ -292,7 +292,7 @@ class Engine:
             accel.begin_call(pipe, (request.width, request.height, tuple(c.kind for c in request.controls),
                                     request.cfg_scale > 1))
             started = time.perf_counter()
-            for attempt in range(3):
+            for attempt in range(4):
                 step_times.clear()
                 generator = torch.Generator("cpu").manual_seed(request.seed)  # a retry makes the same image
                 try:
@@ -314,7 +314,7 @@ class Engine:
                     break
                 except torch.OutOfMemoryError as exc:
                     # Graphs are a speed-up: their memory goes before the call fails (then the call reruns).
-                    if attempt < 2 and accel.after_oom(pipe):
+                    if attempt < 3 and accel.after_oom(pipe):
                         log.warning("out of GPU memory at %dx%d: retrying without the graphs' memory",
                                     request.width, request.height)
                         continue

@@ -215,3 +215,26 @@ def test_a_compile_run_out_of_gpu_memory_is_tried_again_then_given_up():
     torch._dynamo.reset()
 
 
+
+
+@torch.inference_mode()
+def test_out_of_memory_while_a_compile_runs_waits_for_it_and_keeps_capturing():
+    """The compile's own forward pass holds memory beside the call's: an out-of-memory error then waits
+    for the compile to end (the call is worth another try) without turning CUDA graphs off."""
+    gate = threading.Event()
+    torch._dynamo.reset()
+    pipe, net = FakePipe(), Net()
+    state = accel.state_of(pipe)
+    compiler, runner = _compiled_runner(state, net, _recording_backend([], then=lambda: gate.wait(60)), "unet")
+    x = torch.randn(2, 4)
+    net(x), net(x), net(x)  # eager, captured, then a replay that hands the signature to the compiler
+    assert compiler.busy
+    threading.Timer(0.5, gate.set).start()
+    started = time.perf_counter()
+    assert accel.after_oom(pipe) is True
+    assert time.perf_counter() - started >= 0.4 and not compiler.busy and compiler.ready
+    assert state.one_family and not state.captures_off and not runner.entries
+    out = net(x), net(x)
+    assert runner.entries  # graphs are captured again (now of the compiled forward)
+    assert torch.allclose(out[1]["y"], Net.forward.__get__(net)(x)["y"])
+    torch._dynamo.reset()
