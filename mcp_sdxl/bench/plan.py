@@ -177,6 +177,8 @@ class Vram:
         import torch
 
         out = {"allocated_gib": _gib(torch.cuda.memory_allocated()), "reserved_gib": _gib(torch.cuda.memory_reserved())}
+        with contextlib.suppress(Exception):  # where reserved memory sits (a private torch API)
+            out["reserved_by"] = reserved_breakdown(torch.cuda.memory_snapshot(), torch.cuda.current_stream().cuda_stream)
         if self.nvml:
             out["nvml_used_gib"] = _gib(self.used())
             proc = self.process_used()
@@ -186,6 +188,29 @@ class Vram:
 
     def close(self) -> None:
         self._stop.set()
+
+
+def reserved_breakdown(segments: list, main_stream: int) -> dict:
+    """Sum torch's memory snapshot by where the memory is reserved: CUDA graph pools, the serving stream's
+    cache, other streams' caches (capture warm-ups and background compiles run on side streams, and blocks
+    freed there are not reused by the serving stream). GiB reserved and allocated in each."""
+    out: dict = {}
+    for seg in segments:
+        pool = tuple(seg.get("segment_pool_id") or (0, 0))
+        if pool != (0, 0):
+            where = "graph_pools"
+        elif seg.get("stream", 0) == main_stream:
+            where = "serving_stream"
+        else:
+            where = "other_streams"
+        row = out.setdefault(where, {"reserved_gib": 0.0, "allocated_gib": 0.0, "segments": 0})
+        row["reserved_gib"] += seg.get("total_size", 0) / 2**30
+        row["allocated_gib"] += seg.get("allocated_size", 0) / 2**30
+        row["segments"] += 1
+    for row in out.values():
+        row["reserved_gib"] = round(row["reserved_gib"], 3)
+        row["allocated_gib"] = round(row["allocated_gib"], 3)
+    return out
 
 
 def _gib(n) -> float:

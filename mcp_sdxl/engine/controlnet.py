@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from mcp_sdxl.engine.loading import WeightSource, load_controlnet, own_memory, resolve_source
+from mcp_sdxl.engine.loading import WeightSource, inference_only, load_controlnet, own_memory, resolve_source
 from mcp_sdxl.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def get_controlnet(engine, kind: str) -> torch.nn.Module:
         return engine.controlnets[kind]
     source = _require_source(engine, kind)
     entry = engine.settings.controlnet.controlnets.get(kind)
-    model = load_controlnet(source, engine.dtype, entry.cache_dir if entry else None)
+    model = inference_only(load_controlnet(source, engine.dtype, entry.cache_dir if entry else None))
     model.to(engine.device)
     if engine.device.type == "cpu":
         own_memory(model)

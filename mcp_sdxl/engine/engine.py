@@ -23,7 +23,7 @@ from PIL import Image
 from mcp_sdxl.config import Settings
 from mcp_sdxl.engine import accel
 from mcp_sdxl.engine import controlnet as cn
-from mcp_sdxl.engine.loading import WeightSource, load_sdxl_pipeline, own_memory, resolve_source
+from mcp_sdxl.engine.loading import WeightSource, inference_only, load_sdxl_pipeline, own_memory, resolve_source
 from mcp_sdxl.engine.lora import LoraManager, LoraSpec
 from mcp_sdxl.engine.residency import HostCopy, drop_storage
 from mcp_sdxl.errors import CancelledError, ConfigError, UserInputError
@@ -239,9 +239,10 @@ class Engine:
             single_file_config=single_file_config,
             vae=vae,
         )
-        if self.device.type == "cpu":  # same weights, same image, whichever file layout they came from
-            for component in pipe.components.values():
-                if isinstance(component, torch.nn.Module):
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                inference_only(component)
+                if self.device.type == "cpu":  # same weights, same image, whichever file layout they came from
                     own_memory(component)
         # PyTorch SDPA everywhere; xformers is never enabled (config rejects it).
         pipe.unet.set_attn_processor(AttnProcessor2_0())

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from mcp_sdxl.engine.loading import inference_only
 from mcp_sdxl.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class LoraManager:
                     self._disabled = False
                 self.pipe.set_adapters(names, adapter_weights=[w for _, w in wanted])
                 self.pipe.fuse_lora(components=self._components(), adapter_names=names)
+            for component in self._components():  # peft flips requires_grad per layer (see inference_only)
+                inference_only(getattr(self.pipe, component))
         except BaseException:
             # clean weights, adapters off: exactly "no LoRA" (active is () already), never half-applied
             if self._modules:  # (no adapter in the model at all: nothing to switch off)

@@ -72,3 +72,19 @@ def test_without_background_compiles_nothing_extra_runs():
     engine = ScriptedEngine([])
     measure(_plan(), Vram(False), engine.run_once)
     assert len(engine.calls) == 3  # one warm-up, two timed
+
+
+def test_reserved_memory_is_summed_by_where_it_sits():
+    from mcp_sdxl.bench.plan import reserved_breakdown
+
+    gib = 2**30
+    segments = [  # the fields of torch.cuda.memory_snapshot()'s segments that the summary reads
+        {"segment_pool_id": (0, 0), "stream": 0, "total_size": 4 * gib, "allocated_size": 3 * gib},
+        {"segment_pool_id": (0, 0), "stream": 0, "total_size": gib, "allocated_size": 0},
+        {"segment_pool_id": (0, 0), "stream": 94, "total_size": 2 * gib, "allocated_size": 0},
+        {"segment_pool_id": (1, 2), "stream": 94, "total_size": 3 * gib, "allocated_size": gib},
+    ]
+    out = reserved_breakdown(segments, main_stream=0)
+    assert out["serving_stream"] == {"reserved_gib": 5.0, "allocated_gib": 3.0, "segments": 2}
+    assert out["other_streams"]["reserved_gib"] == 2.0 and out["other_streams"]["allocated_gib"] == 0.0
+    assert out["graph_pools"]["reserved_gib"] == 3.0

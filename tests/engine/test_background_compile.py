@@ -238,3 +238,34 @@ def test_out_of_memory_while_a_compile_runs_waits_for_it_and_keeps_capturing():
     assert runner.entries  # graphs are captured again (now of the compiled forward)
     assert torch.allclose(out[1]["y"], Net.forward.__get__(net)(x)["y"])
     torch._dynamo.reset()
+
+
+def test_a_lora_change_leaves_the_compiled_unet_as_it_was(tmp_path, tiny_cache):
+    """torch.compile guards on each parameter's requires_grad and inductor's cache keys it. diffusers loads
+    weights with requires_grad=True and peft turned it off for every layer it wraps, so the first LoRA made
+    the UNet another graph: a recompile (146.7 s under the VRAM cap on an H200, where the cached compile
+    took 24 s). The engine keeps every parameter at requires_grad=False."""
+    from mcp_sdxl.engine import LoraSpec
+
+    engine, request, _ = tiny_engine(tmp_path, tiny_cache)
+    accel.state_of(engine.pipe).strip_lora = True  # as on CUDA: the fused LoRA's wrappers leave the model
+    unet = engine.pipe.unet
+    calls = []
+    plain = unet.forward
+    unet.forward = lambda *a, **k: (calls.append((a, k)), plain(*a, **k))[1]
+    engine.generate(request)
+    unet.forward = plain
+    args, kwargs = calls[0]
+    compiles: list = []
+    torch._dynamo.reset()
+    compiled = torch.compile(plain, backend=_recording_backend(compiles), dynamic=False)
+    with torch.inference_mode():
+        compiled(*args, **kwargs)
+        assert len(compiles) == 1
+        engine.loras.apply([LoraSpec("character:luca", engine.lora_file("character", "luca"), 0.8)])
+        compiled(*args, **kwargs)
+        engine.loras.apply([])
+        compiled(*args, **kwargs)
+    assert len(compiles) == 1  # the same graph throughout
+    assert not any(p.requires_grad for p in unet.parameters())
+    torch._dynamo.reset()

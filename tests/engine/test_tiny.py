@@ -132,7 +132,10 @@ def test_lora_files_load_and_change_the_image(root, pipe, relative):
         pipe.delete_adapters(["under_test"])
     assert 0.01 < mean_change(full, base) < 0.15  # visible, not blown up
     assert 0 < mean_change(half, base) < mean_change(full, base)
-    assert np.array_equal(generate(pipe), base)  # unloading restores the base model
+    # deleting restores the base model's image within float rounding: on some CPUs the image after a LoRA
+    # run differs by 7.5e-7 even with every weight equal and plain Linear layers back (unload_lora_weights),
+    # where the LoRA itself moves pixels by 0.01-0.15
+    assert np.abs(generate(pipe) - base).max() < 1e-5
 
 
 def test_text_encoder_lora_changes_both_prompt_embeddings(root, pipe):
