@@ -27,3 +27,10 @@ class CancelledError(RuntimeError):
 
 class GpuLeaseError(RuntimeError):
     """The GPU could not be acquired or handed back (holder, LLM backend or VRAM problem)."""
+
+
+def shown(value, limit: int = 80) -> str:
+    """`value` as an error message quotes it: repr, cut to `limit` characters. A model that sent 100k
+    characters must still get a message it can read (Claude Desktop drops results over 1 MiB)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

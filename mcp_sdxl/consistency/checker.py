@@ -23,7 +23,7 @@ from mcp_sdxl.consistency.faces import DetectedFace, YuNetDetector, largest, pil
 from mcp_sdxl.consistency.references import ReferenceStore, check_character_name, normalise
 from mcp_sdxl.consistency.results import FaceScore
 from mcp_sdxl.consistency.sface import DETECTOR_GLOB, SFaceBackend, bundled_model_dir, find_model_file
-from mcp_sdxl.errors import ConfigError, NotFoundError, UserInputError
+from mcp_sdxl.errors import ConfigError, NotFoundError, UserInputError, shown
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def _check_threshold(value: float, what: str) -> float:
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise UserInputError(f"{what} must be a number between 0 and 1, got {value!r}") from None
+        raise UserInputError(f"{what} must be a number between 0 and 1, got {shown(value)}") from None
     if not 0.0 <= value <= 1.0:
         raise UserInputError(f"{what} must be between 0 and 1 (cosine similarity), got {value}")
     return value
@@ -170,7 +170,7 @@ class ConsistencyChecker:
         known = ", ".join(self.store.characters(backend)) or "none yet"
         detail = ("; skipped: " + "; ".join(problems)) if problems else ""
         raise NotFoundError(
-            f"character {character!r} has no usable {backend} reference embeddings "
+            f"character {shown(character)} has no usable {backend} reference embeddings "
             f"(looked in {self.store.folder(character, backend)}{detail}). Enroll reference images for it "
             f"(enroll), or pass reference images. Characters with {backend} references: {known}"
         )
@@ -183,7 +183,18 @@ class ConsistencyChecker:
             raise UserInputError("enroll needs at least one image showing the character's face")
         vectors = self.embed_references(images)
         with self._lock:
-            return self.store.save(character, self.backend_name, vectors)
+            known, _ = self.store.load(self.store.stored_paths(character, self.backend_name), self.embedding_dim,
+                                       self.backend_name)
+            known = [v for v in (normalise(k) for k in known) if v is not None]
+            fresh = []
+            for vector in vectors:  # the same face image again adds nothing but weight to one picture
+                unit = normalise(vector)
+                if unit is not None and any(float(unit @ k) > 0.9999 for k in known):
+                    continue
+                fresh.append(vector)
+                if unit is not None:
+                    known.append(unit)
+            return self.store.save(character, self.backend_name, fresh)
 
     # -- scoring -------------------------------------------------------------------------------
     def score(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mcp_sdxl.errors import UserInputError
+from mcp_sdxl.errors import UserInputError, shown
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -23,7 +23,7 @@ def check_character_name(name: str) -> str:
     # The name becomes a folder: refuse separators and dot-dot so it cannot escape the store.
     if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
         raise UserInputError(
-            f"invalid character name {name!r}: use 1-64 letters, digits, '_', '-' or '.', "
+            f"invalid character name {shown(name)}: use 1-64 letters, digits, '_', '-' or '.', "
             "like the keys in character_presets.yaml"
         )
     return name

@@ -101,7 +101,9 @@ class Engine:
         self._host = HostCopy()  # pinned CPU RAM for offload (CUDA only)
         self._lock = threading.RLock()
         # Seconds per step per megapixel, learned from real runs; used to estimate call times.
+        # seconds per denoising step per megapixel before anything ran (an SDXL UNet on a big GPU; the CPU)
         self._step_cost = 0.12 if self.device.type == "cuda" else 2.0
+        self._observed: dict[int, float] = {}  # pixels -> seconds per step (one control-free call), learned
 
     # ------------------------------------------------------------------ profile
     def _pick_profile(self) -> tuple[str, WeightSource]:
@@ -353,13 +355,43 @@ class Engine:
 
     # ------------------------------------------------------------------ estimates and status
     def estimate_seconds(self, width: int, height: int, steps: int, n_controls: int = 0) -> float:
-        megapixels = width * height / 1e6
-        return self._step_cost * megapixels * steps * (1 + 0.8 * n_controls) + 1.0
+        return self._step_seconds(width * height) * steps * (1 + 0.8 * n_controls) + 1.0
+
+    def _step_seconds(self, pixels: int) -> float:
+        """A step's time at `pixels`: what was measured at that size, else a line a + b * megapixels through
+        the sizes measured. A step has a fixed cost besides its per-pixel one: scaling small images' time by
+        pixels alone sent a 256x256 call that takes 6 s to the background as a 55 s job."""
+        if pixels in self._observed:
+            return self._observed[pixels]
+        mp = pixels / 1e6
+        points = [(p / 1e6, c) for p, c in self._observed.items()]
+        if not points:
+            return self._step_cost * mp
+        if len(points) == 1:  # the prior's per-pixel cost; what the one size took beyond it is fixed cost
+            (mp0, c0), = points
+            per_mp = min(self._step_cost, c0 / mp0)
+            return max(0.0, c0 - per_mp * mp0) + per_mp * mp
+        mean_x = sum(x for x, _ in points) / len(points)
+        mean_y = sum(y for _, y in points) / len(points)
+        var = sum((x - mean_x) ** 2 for x, _ in points)
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / var if var else 0.0
+        if slope <= 0:  # noise on sizes too close to tell apart: the nearest measured size
+            return min(points, key=lambda xy: abs(xy[0] - mp))[1]
+        fixed = mean_y - slope * mean_x
+        if fixed < 0:  # a line through zero, fitted to the largest size
+            mp1, c1 = max(points)
+            return c1 / mp1 * mp
+        return fixed + slope * mp
 
     def _learn_step_cost(self, denoise_s: float, request: GenerationRequest) -> None:
-        megapixels = request.width * request.height / 1e6
-        observed = denoise_s / max(1, request.steps) / megapixels / (1 + 0.8 * len(request.controls))
-        self._step_cost = 0.5 * self._step_cost + 0.5 * observed
+        pixels = request.width * request.height
+        observed = denoise_s / max(1, request.steps) / (1 + 0.8 * len(request.controls))
+        before = self._observed.get(pixels)
+        if before is None:
+            before = self._step_seconds(pixels)  # the first run of a size moves halfway from the estimate
+        self._observed[pixels] = 0.5 * before + 0.5 * observed
+        if len(self._observed) > 16:  # the sizes asked for most recently
+            self._observed.pop(next(iter(self._observed)))
 
     def status(self) -> dict:
         info = {

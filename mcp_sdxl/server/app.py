@@ -17,11 +17,12 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError, UnexpectedToolError
 from mcp.shared.exceptions import MCPError
 from mcp.types import INVALID_PARAMS, CallToolResult, ToolAnnotations
-from pydantic import Field, ValidationError
+from pydantic import BeforeValidator, Field, ValidationError
 
 from mcp_sdxl import __version__
-from mcp_sdxl.errors import BusyError, CancelledError, ConfigError, GpuLeaseError, NotFoundError, UserInputError
+from mcp_sdxl.errors import BusyError, CancelledError, ConfigError, GpuLeaseError, NotFoundError, UserInputError, shown
 from mcp_sdxl.server import shaping
+from mcp_sdxl.studio.planning import Problems
 from mcp_sdxl.studio.results import GenerationResult, JobInfo
 
 log = logging.getLogger(__name__)
@@ -36,23 +37,31 @@ score_consistency to check a face matches the character. Images are referred to 
 Long calls return a job_id: poll get_job. Call release_gpu when done so the local LLM gets the GPU back."""
 
 # ---------------------------------------------------------------- shared parameter types
+def _number_not_bool(value):
+    """pydantic takes true/false for 1/0 in a number field: `steps: true` would run 1 step."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    return value
+
+
+NotBool = BeforeValidator(_number_not_bool)
 Character = Annotated[str, Field(description="character name from list_characters, e.g. 'luca'")]
 OptCharacter = Annotated[str | None, Field(description="character name from list_characters; adds its LoRA, trigger words and preset prompt")]
 Scene = Annotated[str, Field(description="what the character does and where, e.g. 'running on the beach, excited'. compel weighting works: (word)1.3, word++")]
 Background = Annotated[str | None, Field(description="background LoRA name from list_characters, e.g. 'portorosso'")]
 Style = Annotated[str | None, Field(description="style LoRA name; default: the character's default style; 'none' for no style LoRA")]
 Quality = Annotated[str | None, Field(description="quality preset: draft (fast), standard, high; default standard")]
-Seed = Annotated[int | None, Field(description="seed for reproducible images (0-4294967295); candidates use seed, seed+1, ...; omitted or -1: random")]
-Size = Annotated[int | None, Field(description="pixels, multiple of 8; default from the preset (1024 for SDXL)")]
-Steps = Annotated[int | None, Field(description="denoising steps; overrides the quality preset")]
-Cfg = Annotated[float | None, Field(description="classifier-free guidance scale 0-30; overrides the quality preset")]
+Seed = Annotated[int | None, NotBool, Field(description="seed for reproducible images (0-4294967295); candidates use seed, seed+1, ...; omitted or -1: random")]
+Size = Annotated[int | None, NotBool, Field(description="pixels, multiple of 8; default from the preset (1024 for SDXL)")]
+Steps = Annotated[int | None, NotBool, Field(description="denoising steps; overrides the quality preset")]
+Cfg = Annotated[float | None, NotBool, Field(description="classifier-free guidance scale 0-30; overrides the quality preset")]
 Negative = Annotated[str | None, Field(description="extra negative prompt, added to the character's")]
-Weight = Annotated[float | None, Field(description="LoRA weight 0.0-1.0; default from the preset/registry; 0 disables")]
-Candidates = Annotated[int, Field(description="how many images to generate (seed, seed+1, ...); 1-8")]
+Weight = Annotated[float | None, NotBool, Field(description="LoRA weight 0.0-1.0; default from the preset/registry; 0 disables")]
+Candidates = Annotated[int, NotBool, Field(description="how many images to generate (seed, seed+1, ...); 1-8")]
 Filter = Annotated[bool, Field(description="score candidates against the character's reference faces and order best first")]
 AsJob = Annotated[bool, Field(description="return a job_id at once instead of waiting (poll get_job)")]
 ImageRef = Annotated[str | None, Field(description="image id (img_...) or a file path under the input folders")]
-Strength = Annotated[float | None, Field(description="ControlNet strength 0.0-2.0; default from controlnet_config.yaml")]
+Strength = Annotated[float | None, NotBool, Field(description="ControlNet strength 0.0-2.0; default from controlnet_config.yaml")]
 
 
 def _tool_errors(fn):
@@ -65,13 +74,18 @@ def _tool_errors(fn):
         except ToolError:
             raise
         except (UserInputError, BusyError, CancelledError, ConfigError, GpuLeaseError) as exc:
-            raise ToolError(str(exc)) from exc
+            raise ToolError(_capped(str(exc))) from exc
         except Exception as exc:
             log.exception("tool %s failed", fn.__name__)
-            raise ToolError(f"{type(exc).__name__}: {exc}") from exc
+            raise ToolError(_capped(f"{type(exc).__name__}: {exc}")) from exc
 
     wrapper.__signature__ = inspect.signature(fn)
     return wrapper
+
+
+def _capped(message: str, limit: int = 4000) -> str:
+    """Every message quotes the caller's values cut short (errors.shown); this is the last guard."""
+    return message if len(message) <= limit else message[: limit - 20] + " ... (message cut)"
 
 
 def _resource_errors(fn):
@@ -95,7 +109,10 @@ class StudioServer(MCPServer):
 
     async def call_tool(self, name, arguments, context=None):
         tool = self._tool_manager.get_tool(name)
-        if tool is not None and isinstance(arguments, dict):
+        if tool is None:
+            known = ", ".join(t.name for t in self._tool_manager.list_tools())
+            raise ToolError(f"unknown tool {shown(name)}; tools: {known}")
+        if isinstance(arguments, dict):
             # pydantic would drop them silently: `prompt` for `scene_description`, `num_images` for
             # `num_candidates` would give an image the model did not ask for
             known = tool.parameters.get("properties", {})
@@ -117,11 +134,17 @@ class StudioServer(MCPServer):
         if prompt is None:
             known = ", ".join(p.name for p in self._prompt_manager.list_prompts())
             raise MCPError(INVALID_PARAMS, f"unknown prompt {str(name)[:80]!r}; prompts: {known}")
+        accepted = {a.name for a in prompt.arguments or []}
+        unknown = [k for k in (arguments or {}) if k not in accepted]
+        if unknown:
+            wanted = ", ".join(f"{a.name} ({'required' if a.required else 'optional'})" for a in prompt.arguments or [])
+            raise MCPError(INVALID_PARAMS, f"prompt {shown(name)} takes no argument {', '.join(shown(k, 40) for k in unknown[:5])}; "
+                                           f"arguments: {wanted or 'none'}")
         given = {k for k, v in (arguments or {}).items() if v not in (None, "")}
         missing = [a.name for a in prompt.arguments or [] if a.required and a.name not in given]
         if missing:
             wanted = ", ".join(f"{a.name} ({'required' if a.required else 'optional'})" for a in prompt.arguments)
-            raise MCPError(INVALID_PARAMS, f"prompt {name!r} needs {', '.join(map(repr, missing))}; arguments: {wanted}")
+            raise MCPError(INVALID_PARAMS, f"prompt {shown(name)} needs {', '.join(map(repr, missing))}; arguments: {wanted}")
         return await super().get_prompt(name, arguments, context)
 
 
@@ -221,8 +244,8 @@ def build_server(studio) -> MCPServer:
         depth_strength: Strength = None,
         canny_image: ImageRef = None,
         canny_strength: Strength = None,
-        control_start: Annotated[float, Field(description="fraction of steps where control starts, 0-1")] = 0.0,
-        control_end: Annotated[float, Field(description="fraction of steps where control ends, 0-1, > control_start")] = 1.0,
+        control_start: Annotated[float, NotBool, Field(description="fraction of steps where control starts, 0-1")] = 0.0,
+        control_end: Annotated[float, NotBool, Field(description="fraction of steps where control ends, 0-1, > control_start")] = 1.0,
         preprocess: Annotated[bool, Field(description="true: extract pose/depth/edges from ordinary photos; false: the images already are control maps")] = True,
         background: Background = None,
         style: Style = None,
@@ -244,22 +267,30 @@ def build_server(studio) -> MCPServer:
         and/or canny edges; any combination runs together. Images are ids or paths under the input folders.
         The control maps used are saved and returned (control_images) so you can see what steered the image.
         Takes the same character/LoRA/quality options as generate_character."""
+        # Everything is checked before the call queues or takes the GPU (a mistyped path must not put the
+        # LLM to sleep), and one error names every problem.
+        problems = Problems()
         controls = studio.planner.controls(
             pose_image=pose_image, pose_preset=pose_preset, pose_strength=pose_strength, depth_image=depth_image,
             depth_strength=depth_strength, canny_image=canny_image, canny_strength=canny_strength,
-            preprocess=preprocess,
+            preprocess=preprocess, problems=problems,
         )
-        if pose_preset is not None:
+        if isinstance(pose_preset, str) and pose_preset:
             presets = studio.pose_presets()  # a folder listing; no await, so the call keeps its place in the queue
-            if pose_preset not in presets:
-                raise UserInputError(f"unknown pose_preset {pose_preset[:80]!r}; use one of {', '.join(presets)}")
+            with problems.check():
+                if pose_preset not in presets:
+                    raise UserInputError(f"unknown pose_preset {shown(pose_preset)}; use one of {', '.join(presets)}")
+        for choice in controls:
+            if choice.image_ref:
+                with problems.check():
+                    studio.store.check_image(choice.image_ref)
         plan = studio.planner.plan(
             kind="control", character=character, scene_description=prompt, background=background, style=style,
             quality=quality, seed=seed, width=width, height=height, steps=steps, cfg_scale=cfg_scale,
             negative_prompt=negative_prompt, character_weight=character_weight,
             background_weight=background_weight, style_weight=style_weight, num_candidates=num_candidates,
             filter_consistency=filter_consistency, controls=controls, control_start=control_start,
-            control_end=control_end,
+            control_end=control_end, problems=problems,
         )
         return await run_generation(plan, ctx, run_as_job)
 
@@ -269,7 +300,7 @@ def build_server(studio) -> MCPServer:
         images: Annotated[list[str], Field(description="image ids (img_...) or paths under the input folders to score")],
         character: OptCharacter = None,
         reference_images: Annotated[list[str] | None, Field(description="reference face images (ids or paths); default: the character's enrolled references")] = None,
-        threshold: Annotated[float | None, Field(description="match threshold 0-1 on the active face backend's scale; default per backend/character")] = None,
+        threshold: Annotated[float | None, NotBool, Field(description="match threshold 0-1 on the active face backend's scale; default per backend/character")] = None,
     ) -> dict[str, Any]:
         """Check that faces in images belong to the character: per image face_found, similarity (best and
         mean over the references), is_match against the threshold, and the face backend used. An image
@@ -342,10 +373,22 @@ def build_server(studio) -> MCPServer:
         return {"images": rows}
 
     # ------------------------------------------------------------------ resources
-    @server.resource("sdxl://images/{image_id}", mime_type="image/png", description="a generated image (PNG)")
+    @server.resource("sdxl://images/{image_id}", mime_type="image/png",
+                     description="a generated image, the PNG file (2-3 MB at 1024x1024; /jpeg fits 1 MiB clients)")
     @_resource_errors
     def image_resource(image_id: str) -> bytes:
         return studio.store.get(image_id).path.read_bytes()
+
+    @server.resource("sdxl://images/{image_id}/jpeg", mime_type="image/jpeg",
+                     description="a generated image as a JPEG that fits in one client message (under 1 MiB as base64)")
+    @_resource_errors
+    def image_jpeg(image_id: str) -> bytes:
+        from PIL import Image
+
+        from mcp_sdxl.store import encode_jpeg
+
+        with Image.open(studio.store.get(image_id).path) as img:
+            return encode_jpeg(img, limits.max_result_bytes * 3 // 4 - 1_000)  # base64 grows data by 4/3
 
     @server.resource("sdxl://images/{image_id}/metadata", mime_type="application/json", description="generation parameters of an image")
     @_resource_errors
@@ -399,7 +442,7 @@ def _register_prompts(server: MCPServer) -> None:
         names = [a.name for a in arguments]
 
         def render(body=body, names=names, **kwargs) -> str:
-            values = {n: kwargs.get(n) or "" for n in names}
+            values = {n: kwargs.get(n) or "none given" for n in names}
             return body.format(**values)
 
         server.add_prompt(Prompt(

@@ -27,7 +27,7 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from mcp_sdxl.errors import ConfigError, NotFoundError, UserInputError
+from mcp_sdxl.errors import ConfigError, NotFoundError, UserInputError, shown
 
 ID_RE = re.compile(r"img_\d{8}-\d{6}_[0-9a-f]{8}")  # always fullmatch: `$` would accept a trailing newline
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -114,7 +114,7 @@ class ImageStore:
         self._check_id(image_id)
         png_path = self.output_dir / f"{image_id}.png"
         if not png_path.exists():
-            raise NotFoundError(f"no image with id {image_id!r} in the store; use an id returned by a generation tool")
+            raise NotFoundError(f"no image with id {shown(image_id)} in the store; use an id returned by a generation tool")
         json_path = self.output_dir / f"{image_id}.json"
         try:
             metadata = json.loads(json_path.read_text())
@@ -135,12 +135,25 @@ class ImageStore:
         try:
             with Image.open(path) as img:
                 if img.width * img.height > MAX_INPUT_PIXELS:
-                    raise UserInputError(f"{ref}: image is too large ({img.width}x{img.height})")
+                    raise UserInputError(f"{shown(ref)}: image is too large ({img.width}x{img.height})")
                 return img.convert("RGB"), str(path)
         except UserInputError:
             raise
         except Exception as exc:  # PIL raises many types for bad files
-            raise UserInputError(f"{ref}: not a readable image ({type(exc).__name__}: {exc})") from exc
+            raise UserInputError(f"{shown(ref)}: not a readable image ({type(exc).__name__}: {exc})") from exc
+
+    def check_image(self, ref: str) -> Path:
+        """What open_image would refuse, found without decoding the pixels (a call is checked before it
+        queues): the reference resolves inside the allowed folders and the file is an image of a usable size."""
+        path = self.resolve_input(ref)
+        try:
+            with Image.open(path) as img:
+                size = img.width * img.height
+        except Exception as exc:  # PIL raises many types for bad files
+            raise UserInputError(f"{shown(ref)}: not a readable image ({type(exc).__name__}: {exc})") from exc
+        if size > MAX_INPUT_PIXELS:
+            raise UserInputError(f"{shown(ref)}: image is too large ({img.width}x{img.height})")
+        return path
 
     def resolve_input(self, ref: str) -> Path:
         """Map an id or a path to a real file, confined to the store and the input folders."""
@@ -172,14 +185,14 @@ class ImageStore:
                 return real
         allowed = ", ".join(str(r) for r in roots)
         raise UserInputError(
-            f"{ref!r} is not an image id or a file under the allowed folders ({allowed}). "
+            f"{shown(ref)} is not an image id or a file under the allowed folders ({allowed}). "
             "Copy the image into an input folder and pass its name, or pass an id from a previous result."
         )
 
     # ------------------------------------------------------------------ helpers
     def _check_id(self, image_id: str) -> None:
         if not isinstance(image_id, str) or not ID_RE.fullmatch(image_id):
-            raise UserInputError(f"{image_id!r} is not an image id (ids look like img_20261125-101500_1a2b3c4d)")
+            raise UserInputError(f"{shown(image_id)} is not an image id (ids look like img_20261125-101500_1a2b3c4d)")
 
     def _sweep_leftovers(self) -> None:
         """Remove what a killed writer left: temp files, the images of calls that never finished
@@ -306,3 +319,17 @@ def encode_preview(image: Image.Image, max_px: int, max_bytes: int) -> tuple[byt
     preview.thumbnail((64, 64))
     preview.save(buffer, format="JPEG", quality=30)
     return buffer.getvalue(), "image/jpeg"
+
+
+def encode_jpeg(image: Image.Image, max_bytes: int) -> bytes:
+    """The whole image as a JPEG within `max_bytes` (quality first, then size): a full PNG at 1024x1024 is
+    ~2.4 MB, 3.2 MB as base64, over what Claude Desktop accepts in one message (1 MiB)."""
+    picture = image.convert("RGB")
+    while True:
+        for quality in (92, 85, 75, 60):
+            buffer = io.BytesIO()
+            picture.save(buffer, format="JPEG", quality=quality)
+            if buffer.tell() <= max_bytes or max(picture.size) <= 64:
+                return buffer.getvalue()
+        picture = picture.resize((max(64, picture.width * 3 // 4), max(64, picture.height * 3 // 4)),
+                                 Image.Resampling.LANCZOS)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from mcp_sdxl.config import Settings
 from mcp_sdxl.config.models import CharacterPreset, LoraEntry
-from mcp_sdxl.errors import NotFoundError, UserInputError
+from mcp_sdxl.errors import NotFoundError, UserInputError, shown
 from mcp_sdxl.studio.prompting import compose_prompt, merge_negative
 
 CONTROL_KINDS = {"pose": "openpose", "depth": "depth", "canny": "canny"}
@@ -66,7 +66,7 @@ class Plan:
 
 def _finite(name: str, value, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UserInputError(f"{name} must be a number in [{_num(low)}, {_num(high)}], got {value!r}")
+        raise UserInputError(f"{name} must be a number in [{_num(low)}, {_num(high)}], got {shown(value)}")
     if not low <= value <= high:
         raise UserInputError(f"{name} must be in [{_num(low)}, {_num(high)}], got {_num(value)}")
     return float(value)
@@ -79,12 +79,12 @@ def _num(value: float) -> str:
 
 def _unknown(kind: str, name, valid: list[str]) -> NotFoundError:
     hint = ""
-    if isinstance(name, str):
+    if isinstance(name, str) and len(name) <= 200:
         close = [v for v in valid if v.lower() == name.strip().lower()] or difflib.get_close_matches(name, valid, n=2)
         if close:
             hint = f"did you mean {' or '.join(repr(c) for c in close)}? "
     listed = ", ".join(valid) or "none configured"
-    return NotFoundError(f"unknown {kind} {name!r}; {hint}valid {kind}s: {listed} (see list_characters)")
+    return NotFoundError(f"unknown {kind} {shown(name)}; {hint}valid {kind}s: {listed} (see list_characters)")
 
 
 def _pick(names: dict, kind: str, name: str):
@@ -93,7 +93,7 @@ def _pick(names: dict, kind: str, name: str):
     return names[name]
 
 
-class _Problems:
+class Problems:
     """The problems of one request, collected so one error names them all (a model fixes the call in one
     round instead of one round per field)."""
 
@@ -159,10 +159,12 @@ class Planner:
         controls: list[ControlChoice] | None = None,
         control_start: float = 0.0,
         control_end: float = 1.0,
+        problems: Problems | None = None,
     ) -> Plan:
         gen = self.settings.sdxl.generation
         limits = gen.limits
-        problems = _Problems()  # every independent problem is checked: one error names them all
+        # every independent problem is checked: one error names them all (with those found before, if given)
+        problems = problems if problems is not None else Problems()
         if isinstance(character, str) and not character.strip():
             character = None  # "" is what models send for "no character" (as for background and style)
         preset = None
@@ -186,7 +188,7 @@ class Planner:
         quality = quality or gen.default_quality
         with problems.check():
             if quality not in gen.quality_presets:
-                raise UserInputError(f"unknown quality {quality!r}; use one of {', '.join(gen.quality_presets)}")
+                raise UserInputError(f"unknown quality {shown(quality)}; use one of {', '.join(gen.quality_presets)}")
         q = gen.quality_presets.get(quality) or gen.quality_presets[gen.default_quality]
         params = preset.generation_params if preset else None
         # A preset's own steps/cfg refine the default ('standard') quality; draft/high stay what they say.
@@ -241,7 +243,7 @@ class Planner:
         )
 
     def _loras(self, preset, background, style, character_weight, background_weight, style_weight, notes,
-               problems: _Problems):
+               problems: Problems):
         registry = self.settings.loras
         chosen: list[LoraChoice] = []
         with problems.check():
@@ -313,30 +315,42 @@ class Planner:
         canny_image: str | None,
         canny_strength: float | None,
         preprocess: bool,
+        problems: Problems | None = None,
     ) -> list[ControlChoice]:
+        """The controls asked for. With `problems`, what is wrong is collected there (and [] or the
+        controls that are right are returned) so plan() reports it with everything else."""
+        collect = problems if problems is not None else Problems()
         configured = self.settings.controlnet.controlnets
         inputs = {
-            "openpose": (pose_image, pose_strength),
-            "depth": (depth_image, depth_strength),
-            "canny": (canny_image, canny_strength),
+            "openpose": (pose_image, pose_strength, "pose_image or pose_preset", "pose_strength"),
+            "depth": (depth_image, depth_strength, "depth_image", "depth_strength"),
+            "canny": (canny_image, canny_strength, "canny_image", "canny_strength"),
         }
-        if pose_image and pose_preset:
-            raise UserInputError("give pose_image or pose_preset, not both")
+        before = len(collect.errors)
+        with collect.check():
+            if pose_image and pose_preset:
+                raise UserInputError("give pose_image or pose_preset, not both")
         chosen = []
-        for kind, (ref, strength) in inputs.items():
+        for kind, (ref, strength, image_arg, strength_arg) in inputs.items():
             preset = pose_preset if kind == "openpose" else None
-            if not ref and not preset:
-                if strength is not None:
-                    raise UserInputError(f"{kind} strength given without an image for it")
-                continue
-            if self.profile != "tiny" and kind not in configured:
-                raise UserInputError(f"no ControlNet is configured for {kind} in controlnet_config.yaml")
-            default = configured[kind].default_strength if kind in configured else 1.0
-            value = _finite(f"{'pose' if kind == 'openpose' else kind}_strength", default if strength is None else strength, 0, 2)
-            chosen.append(ControlChoice(kind, ref or None, preset, value, bool(preprocess)))
-        if not chosen:
-            raise UserInputError(
-                "give at least one control: pose_image or pose_preset, depth_image, or canny_image "
-                "(paths under the input folders or image ids)"
-            )
+            with collect.check():
+                if not ref and not preset:
+                    if strength is not None:
+                        raise UserInputError(f"{strength_arg} given without {image_arg}: add {image_arg.split(' or ')[0]} "
+                                             f"(a path under the input folders or an image id) or drop {strength_arg}")
+                    continue
+                if self.profile != "tiny" and kind not in configured:
+                    raise UserInputError(f"no ControlNet is configured for {kind} in controlnet_config.yaml; "
+                                         f"configured: {', '.join(configured) or 'none'}")
+                default = configured[kind].default_strength if kind in configured else 1.0
+                value = _finite(strength_arg, default if strength is None else strength, 0, 2)
+                chosen.append(ControlChoice(kind, ref or None, preset, value, bool(preprocess)))
+        if not chosen and len(collect.errors) == before:
+            with collect.check():
+                raise UserInputError(
+                    "give at least one control: pose_image or pose_preset, depth_image, or canny_image "
+                    "(paths under the input folders or image ids)"
+                )
+        if problems is None:
+            collect.raise_any()
         return chosen

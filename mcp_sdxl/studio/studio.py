@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mcp_sdxl.config import Settings
-from mcp_sdxl.errors import CancelledError, NotFoundError, UserInputError
+from mcp_sdxl.errors import CancelledError, NotFoundError, UserInputError, shown
 from mcp_sdxl.store import ImageStore, StoredImage
 from mcp_sdxl.studio.jobs import Job, JobQueue
 from mcp_sdxl.studio.planning import Plan, Planner
@@ -301,7 +301,7 @@ class Studio:
 
     def release_gpu(self, mode: str = "offload", wake_llm: bool = True) -> dict[str, Any]:
         if mode not in ("offload", "unload"):
-            raise UserInputError(f"mode must be 'offload' or 'unload', got {mode!r}")
+            raise UserInputError(f"mode must be 'offload' or 'unload', got {shown(mode)}")
         with self._gpu_lock:
             self._cancel_idle_release()
             before = self.lease.status().vram
@@ -406,12 +406,16 @@ class Studio:
         self.planner.preset(character)
         if not images:
             raise UserInputError("images must list at least one image id or path showing the character's face")
-        pictures = [self.store.open_image(ref)[0] for ref in images]
+        if len(images) > 32:
+            raise UserInputError(f"at most 32 images per call (got {len(images)}); enroll the best few faces")
+        files = list(dict.fromkeys(self.store.resolve_input(ref) for ref in images))  # the same file once
+        pictures = [self.store.open_image(str(path))[0] for path in files]
         paths = self.checker.enroll(character, pictures)
         return {
             "character": character,
             "backend": self.checker.backend_name,
             "added": [str(p) for p in paths],
+            "already_enrolled": len(pictures) - len(paths),  # the same face picture is stored once
             "total_references": len(self.checker.store.stored_paths(character, self.checker.backend_name)),
         }
 

@@ -286,8 +286,22 @@ def test_estimate_learns_from_runs(module_home):
     prior = before - 1.0
     learned = after - 1.0
     assert 15 / 16 * min(denoise) + prior / 16 - 1e-3 <= learned <= 15 / 16 * max(denoise) + prior / 16 + 1e-3
-    # and scales with the work asked for
-    assert engine.estimate_seconds(2 * SIZE, SIZE, steps) - 1.0 == pytest.approx(2 * (after - 1.0))
+    # and scales with the work asked for: steps and controls in proportion, pixels at most in proportion
+    # (a step has a fixed cost too)
+    assert after - 1.0 < engine.estimate_seconds(2 * SIZE, SIZE, steps) - 1.0 <= 2 * (after - 1.0) + 1e-9
     assert engine.estimate_seconds(SIZE, SIZE, 2 * steps) - 1.0 == pytest.approx(2 * (after - 1.0))
     assert engine.estimate_seconds(SIZE, SIZE, steps, n_controls=1) > after
     assert math.isfinite(after)
+
+
+def test_estimate_separates_a_steps_fixed_cost_from_its_per_pixel_cost(module_home):
+    """Measured at two sizes, a third is a line through them, not a scaling of the small one by pixels."""
+    engine = Engine(tiny_settings(module_home))
+    small, large = 64 * 64, 128 * 128
+    engine._observed = {small: 0.05, large: 0.08}  # seconds per step: mostly fixed cost, as on the tiny engine
+    per_step = (engine.estimate_seconds(256, 256, 100) - 1.0) / 100
+    fixed, per_mp = 0.05 - 0.03 / (large - small) * small, 0.03 / ((large - small) / 1e6)
+    assert per_step == pytest.approx(fixed + per_mp * 256 * 256 / 1e6)
+    assert per_step <= 0.05 * (256 * 256) / small / 4  # a quarter of scaling 64x64 by pixels (16x)
+    engine.generate(request(steps=2, seed=1))  # a real run at 64x64: learned, the other size kept
+    assert engine._observed[small] != 0.05 and engine._observed[large] == 0.08

@@ -190,7 +190,7 @@ def test_control_inputs_are_validated(planner):
             controls(**bad)
     with pytest.raises(UserInputError, match="not both"):
         controls(pose_image="p.png", pose_preset="waving")
-    with pytest.raises(UserInputError, match="without an image"):
+    with pytest.raises(UserInputError, match="depth_strength given without depth_image"):
         controls(depth_strength=1.0)
     with pytest.raises(UserInputError, match="at least one control"):
         controls()
