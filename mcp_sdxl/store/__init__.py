@@ -131,28 +131,24 @@ class ImageStore:
 
         Returns the RGB image and a short description of where it came from.
         """
-        path = self.resolve_input(ref)
+        path = self.check_image(ref)
         try:
             with Image.open(path) as img:
-                if img.width * img.height > MAX_INPUT_PIXELS:
-                    raise UserInputError(f"{shown(ref)}: image is too large ({img.width}x{img.height})")
                 return img.convert("RGB"), str(path)
-        except UserInputError:
-            raise
-        except Exception as exc:  # PIL raises many types for bad files
+        except Exception as exc:  # PIL raises many types for bad files (a truncated one only when decoded)
             raise UserInputError(f"{shown(ref)}: not a readable image ({type(exc).__name__}: {exc})") from exc
 
     def check_image(self, ref: str) -> Path:
-        """What open_image would refuse, found without decoding the pixels (a call is checked before it
-        queues): the reference resolves inside the allowed folders and the file is an image of a usable size."""
+        """What open_image refuses short of decoding the pixels (a call is checked before it queues): the
+        reference resolves inside the allowed folders and the file is an image of a usable size."""
         path = self.resolve_input(ref)
         try:
             with Image.open(path) as img:
-                size = img.width * img.height
+                width, height = img.size
         except Exception as exc:  # PIL raises many types for bad files
             raise UserInputError(f"{shown(ref)}: not a readable image ({type(exc).__name__}: {exc})") from exc
-        if size > MAX_INPUT_PIXELS:
-            raise UserInputError(f"{shown(ref)}: image is too large ({img.width}x{img.height})")
+        if width * height > MAX_INPUT_PIXELS:
+            raise UserInputError(f"{shown(ref)}: image is too large ({width}x{height})")
         return path
 
     def resolve_input(self, ref: str) -> Path:
