@@ -294,14 +294,16 @@ class Engine:
             # other kinds' memory goes before this call loads its ControlNets
             accel.begin_call(pipe, (request.width, request.height, tuple(c.kind for c in request.controls),
                                     request.cfg_scale > 1))
-            started = time.perf_counter()
             for attempt in range(4):
                 step_times.clear()
                 generator = torch.Generator("cpu").manual_seed(request.seed)  # a retry makes the same image
                 try:
                     run_pipe, extra = pipe, {}
-                    if request.controls:
+                    if request.controls:  # a ControlNet's first use loads it: not denoising time
+                        prepared = time.perf_counter()
                         run_pipe, extra = cn.prepare(self, request)
+                        timings["control_s"] = time.perf_counter() - prepared
+                    started = time.perf_counter()
                     with torch.inference_mode(), cn.skip_outside_window(run_pipe):
                         result = run_pipe(
                             **embeds,
@@ -331,7 +333,8 @@ class Engine:
             finished = time.perf_counter()
             timings["denoise_s"] = (step_times[-1] if step_times else finished) - started
             timings["decode_s"] = finished - (step_times[-1] if step_times else finished)
-            self._learn_step_cost(timings["denoise_s"], request)
+            if attempt == 0:  # a rerun after an out-of-memory error says nothing about a step's time
+                self._learn_step_cost(timings["denoise_s"], request)
             return GenerationOutput(result.images[0], {k: round(v, 4) for k, v in timings.items()})
 
     def _encode(self, prompt: str, negative_prompt: str) -> dict:

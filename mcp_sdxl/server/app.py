@@ -14,9 +14,15 @@ from typing import Annotated, Any, Literal
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError, UnexpectedToolError
+from mcp.server.mcpserver.exceptions import (
+    ResourceError,
+    ResourceNotFoundError,
+    ToolError,
+    UnexpectedResourceError,
+    UnexpectedToolError,
+)
 from mcp.shared.exceptions import MCPError
-from mcp.types import INVALID_PARAMS, CallToolResult, ToolAnnotations
+from mcp.types import INTERNAL_ERROR, INVALID_PARAMS, CallToolResult, ToolAnnotations
 from pydantic import BeforeValidator, Field, ValidationError
 
 from mcp_sdxl import __version__
@@ -127,6 +133,22 @@ class StudioServer(MCPServer):
                 # still caused by the ValidationError: the SDK logs the rejected field names only
                 raise ToolError(f"Error executing tool {name}: {shaping.argument_errors(cause)}") from cause
             raise
+
+    async def read_resource(self, uri, context=None):
+        try:
+            return await super().read_resource(uri, context)
+        except ResourceError as exc:
+            if isinstance(exc, UnexpectedResourceError):
+                raise  # a crash: the SDK logs it and names only the URI
+            # the SDK would echo the whole URI back (message and data) and, for an unknown one, name
+            # nothing that exists
+            message = str(exc)
+            if isinstance(exc, ResourceNotFoundError) and message.startswith("Unknown resource"):
+                known = [str(r.uri) for r in self._resource_manager.list_resources()]
+                known += [t.uri_template for t in self._resource_manager.list_templates()]
+                message = f"unknown resource {shown(str(uri))}; resources: {', '.join(known)}"
+            code = INVALID_PARAMS if isinstance(exc, ResourceNotFoundError) else INTERNAL_ERROR
+            raise MCPError(code, _capped(message, 2000), data={"uri": shown(str(uri), 200)}) from exc
 
     async def get_prompt(self, name, arguments=None, context=None):
         # The SDK answers an unknown prompt or a missing argument with "Internal server error" only.

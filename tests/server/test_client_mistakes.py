@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from mcp import Client
+from mcp.shared.exceptions import MCPError
 from mcp_procs import small, text_of
 
 from mcp_sdxl.server import build_server
@@ -95,3 +96,17 @@ async def test_a_full_size_image_reads_as_a_jpeg_under_the_message_limit(studio)
         assert jpeg.mime_type == "image/jpeg" and len(jpeg.blob) < limit
         with Image.open(io.BytesIO(base64.b64decode(jpeg.blob))) as img:
             assert img.format == "JPEG" and max(img.size) >= 256
+
+
+async def test_an_unknown_resource_names_the_ones_that_exist(studio):
+    async with Client(build_server(studio)) as client:
+        with pytest.raises(MCPError) as info:
+            await client.read_resource("sdxl://nothing/" + "x" * 100_000)
+        message = str(info.value)
+        assert len(str(info.value.error.data)) < 300
+        assert len(message) < 2000 and "sdxl://characters" in message and "sdxl://images/{image_id}/jpeg" in message
+        for uri in ("sdxl://images/" + "x" * 100_000, "sdxl://images/" + "x" * 100 + "/metadata"):
+            with pytest.raises(MCPError) as info:
+                await client.read_resource(uri)
+            error = info.value.error
+            assert len(error.message) < 2000 and len(str(error.data)) < 300, uri
