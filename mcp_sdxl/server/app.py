@@ -134,6 +134,11 @@ class StudioServer(MCPServer):
                 raise ToolError(f"Error executing tool {name}: {shaping.argument_errors(cause)}") from cause
             raise
 
+    async def run_stdio_async(self) -> None:
+        from mcp_sdxl.server.stdio import run_stdio
+
+        await run_stdio(self)
+
     async def read_resource(self, uri, context=None):
         try:
             return await super().read_resource(uri, context)

@@ -127,3 +127,48 @@ async def test_jobs_over_stdio_and_disconnect(home, config_dir):
         assert status["lease"]["state"] == "free"
         result = await client.call_tool("generate_character", small())
         assert not result.is_error, text_of(result)
+
+
+def test_a_lone_surrogate_from_a_client_is_answered(home, config_dir):
+    """A JavaScript client that cuts a model's text inside an emoji sends a lone surrogate escape. The
+    SDK's parser dropped such a line without an answer (the client waited for its timeout); now the
+    call is answered, the surrogate read as U+FFFD."""
+    import json
+    import queue
+    import subprocess
+    import sys
+    import threading
+
+    from mcp_procs import REPO, serve_args, server_env
+
+    proc = subprocess.Popen([sys.executable, *serve_args(home, config_dir)], cwd=REPO, env=server_env(home),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        def send(text: str) -> None:
+            proc.stdin.write(text + "\n")
+            proc.stdin.flush()
+
+        def answer(request_id: int) -> dict:
+            while True:
+                message = json.loads(lines.get(timeout=60))  # queue.Empty: no answer (the SDK alone drops it)
+                if message.get("id") == request_id:
+                    return message
+
+        send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}))
+        assert "result" in answer(1)
+        send(json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+        # written by hand: json.dumps would not produce a lone surrogate escape from a Python str
+        send('{"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "generate_character", '
+             '"arguments": {"character": "luca\\ud83d", "scene_description": "waving \\ud83d"}}}')
+        reply = answer(2)
+        text = reply["result"]["content"][0]["text"]
+        assert reply["result"]["isError"] and "unknown character 'luca\ufffd'" in text and "luca" in text
+        send(json.dumps({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+            "name": "list_images", "arguments": {"limit": 1}}}))
+        assert "result" in answer(3)  # still serving
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
