@@ -80,9 +80,11 @@ def set_expandable_segments(on: bool) -> bool:
     PYTORCH_CUDA_ALLOC_CONF already says (the user's setting wins) or this torch cannot."""
     if "expandable_segments" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
         return False
+    # private torch APIs: the accelerator one since torch 2.9 (the CUDA one warns it is deprecated there)
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
     try:
-        torch.cuda.memory._set_allocator_settings(f"expandable_segments:{on}")
-    except Exception as exc:  # a private torch API: an older or newer torch may lack it
+        setter(f"expandable_segments:{on}")
+    except Exception as exc:  # an older or newer torch may lack both
         log.warning("expandable_segments not applied: %s", exc)
         return False
     return True
