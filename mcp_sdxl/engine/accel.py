@@ -235,7 +235,7 @@ def begin_call(pipe, family) -> None:
     state.family = family
 
 
-def after_oom(pipe, compile_wait_s: float = 600.0) -> bool:
+def after_oom(pipe, compile_wait_s: float = 600.0, cancelled=None) -> bool:
     """The GPU ran out of memory: give back what we hold beyond the weights. True when something was given
     back (the call is worth one more try).
 
@@ -250,7 +250,15 @@ def after_oom(pipe, compile_wait_s: float = 600.0) -> bool:
     if state is None:
         return False
     if _compiling(state):
-        waited = wait_for_compiles(pipe, timeout=compile_wait_s)
+        started = time.perf_counter()
+        # in slices: a cancelled call (`cancelled()` true) stops waiting within a second
+        while _compiling(state) and time.perf_counter() - started < compile_wait_s:
+            if cancelled is not None and cancelled():
+                break
+            for runner in state.runners:
+                if runner.compiler is not None and runner.compiler.busy:
+                    runner.compiler.wait(1.0)
+        waited = time.perf_counter() - started
         state.one_family = True
         release(pipe, moving_weights=False)
         _empty_cuda_cache()

@@ -319,7 +319,9 @@ class Engine:
                     break
                 except torch.OutOfMemoryError as exc:
                     # Graphs are a speed-up: their memory goes before the call fails (then the call reruns).
-                    if attempt < 3 and accel.after_oom(pipe):
+                    if attempt < 3 and accel.after_oom(pipe, cancelled=cancel.is_set if cancel is not None else None):
+                        if cancel is not None and cancel.is_set():
+                            raise CancelledError("generation cancelled") from exc
                         log.warning("out of GPU memory at %dx%d: retrying without the graphs' memory",
                                     request.width, request.height)
                         continue

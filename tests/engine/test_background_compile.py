@@ -240,6 +240,26 @@ def test_out_of_memory_while_a_compile_runs_waits_for_it_and_keeps_capturing():
     torch._dynamo.reset()
 
 
+@torch.inference_mode()
+def test_a_cancelled_call_stops_waiting_for_the_compile():
+    gate = threading.Event()
+    torch._dynamo.reset()
+    pipe, net = FakePipe(), Net()
+    state = accel.state_of(pipe)
+    compiler, _ = _compiled_runner(state, net, _recording_backend([], then=lambda: gate.wait(60)), "unet")
+    x = torch.randn(2, 4)
+    net(x), net(x), net(x)
+    assert compiler.busy
+    cancel = threading.Event()
+    threading.Timer(0.3, cancel.set).start()
+    started = time.perf_counter()
+    accel.after_oom(pipe, cancelled=cancel.is_set)
+    assert time.perf_counter() - started < 2.0 and compiler.busy  # the compile goes on without the call
+    gate.set()
+    assert compiler.wait(60) and compiler.ready
+    torch._dynamo.reset()
+
+
 def test_a_lora_change_leaves_the_compiled_unet_as_it_was(tmp_path, tiny_cache):
     """torch.compile guards on each parameter's requires_grad and inductor's cache keys it. diffusers loads
     weights with requires_grad=True and peft turned it off for every layer it wraps, so the first LoRA made
