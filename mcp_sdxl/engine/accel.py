@@ -195,13 +195,18 @@ def release(pipe, moving_weights: bool = True) -> None:
     state.pool[0] = None
 
 
-def wait_for_compiles(pipe, timeout: float | None = None) -> float:
-    """Wait for background compiles (compile: full) to finish; returns the seconds waited (0.0: none ran)."""
+def wait_for_compiles(pipe, timeout: float | None = None, cancelled=None) -> float:
+    """Wait for background compiles (compile: full) to finish; returns the seconds waited (0.0: none ran).
+    With `cancelled`, waits in slices of a second and stops once it returns true."""
     state = getattr(pipe, STATE_ATTR, None) if pipe is not None else None
     busy = [r.compiler for r in (state.runners if state else []) if r.compiler is not None and r.compiler.busy]
     started = time.perf_counter()
     for compiler in busy:
-        compiler.wait(None if timeout is None else max(0.0, timeout - (time.perf_counter() - started)))
+        while compiler.busy:
+            left = None if timeout is None else timeout - (time.perf_counter() - started)
+            if (left is not None and left <= 0) or (cancelled is not None and cancelled()):
+                break
+            compiler.wait(left if cancelled is None else min(1.0, left if left is not None else 1.0))
     if busy:
         log.info("waited %.1f s for the background compile of %s", time.perf_counter() - started,
                  ", ".join(c.name for c in busy))
@@ -250,15 +255,7 @@ def after_oom(pipe, compile_wait_s: float = 600.0, cancelled=None) -> bool:
     if state is None:
         return False
     if _compiling(state):
-        started = time.perf_counter()
-        # in slices: a cancelled call (`cancelled()` true) stops waiting within a second
-        while _compiling(state) and time.perf_counter() - started < compile_wait_s:
-            if cancelled is not None and cancelled():
-                break
-            for runner in state.runners:
-                if runner.compiler is not None and runner.compiler.busy:
-                    runner.compiler.wait(1.0)
-        waited = time.perf_counter() - started
+        waited = wait_for_compiles(pipe, timeout=compile_wait_s, cancelled=cancelled)  # a cancelled call stops
         state.one_family = True
         release(pipe, moving_weights=False)
         _empty_cuda_cache()

@@ -217,18 +217,25 @@ def test_a_compile_run_out_of_gpu_memory_is_tried_again_then_given_up():
 
 
 
+def _compile_held_at_a_gate():
+    """A Net under a GraphRunner whose background compile has started and waits until `gate` is set."""
+    gate = threading.Event()
+    torch._dynamo.reset()
+    pipe, net = FakePipe(), Net()
+    compiler, runner = _compiled_runner(accel.state_of(pipe), net, _recording_backend([], then=lambda: gate.wait(60)),
+                                        "unet")
+    x = torch.randn(2, 4)
+    net(x), net(x), net(x)  # eager, captured, then a replay that hands the signature to the compiler
+    assert compiler.busy
+    return gate, pipe, net, compiler, runner, x
+
+
 @torch.inference_mode()
 def test_out_of_memory_while_a_compile_runs_waits_for_it_and_keeps_capturing():
     """The compile's own forward pass holds memory beside the call's: an out-of-memory error then waits
     for the compile to end (the call is worth another try) without turning CUDA graphs off."""
-    gate = threading.Event()
-    torch._dynamo.reset()
-    pipe, net = FakePipe(), Net()
+    gate, pipe, net, compiler, runner, x = _compile_held_at_a_gate()
     state = accel.state_of(pipe)
-    compiler, runner = _compiled_runner(state, net, _recording_backend([], then=lambda: gate.wait(60)), "unet")
-    x = torch.randn(2, 4)
-    net(x), net(x), net(x)  # eager, captured, then a replay that hands the signature to the compiler
-    assert compiler.busy
     threading.Timer(0.5, gate.set).start()
     started = time.perf_counter()
     assert accel.after_oom(pipe) is True
@@ -242,14 +249,7 @@ def test_out_of_memory_while_a_compile_runs_waits_for_it_and_keeps_capturing():
 
 @torch.inference_mode()
 def test_a_cancelled_call_stops_waiting_for_the_compile():
-    gate = threading.Event()
-    torch._dynamo.reset()
-    pipe, net = FakePipe(), Net()
-    state = accel.state_of(pipe)
-    compiler, _ = _compiled_runner(state, net, _recording_backend([], then=lambda: gate.wait(60)), "unet")
-    x = torch.randn(2, 4)
-    net(x), net(x), net(x)
-    assert compiler.busy
+    gate, pipe, net, compiler, _, x = _compile_held_at_a_gate()
     cancel = threading.Event()
     threading.Timer(0.3, cancel.set).start()
     started = time.perf_counter()
