@@ -48,15 +48,14 @@ class LoraManager:
         self._disabled = False  # adapters switched off (no LoRA active): enable before fusing again
 
     # ------------------------------------------------------------------ public
+    def changes(self, specs: list[LoraSpec]) -> bool:
+        """Whether `apply(specs)` would change the model (it checks the weights first, as apply does)."""
+        wanted, missing = self._plan(specs)
+        return wanted != self.active or bool(missing)
+
     def apply(self, specs: list[LoraSpec]) -> None:
         """Make exactly `specs` active, fused. No-op when they already are."""
-        for spec in specs:  # checked before anything changes: a NaN would fuse into every weight it touches
-            weight = spec.weight
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
-                raise UserInputError(f"LoRA weight for {spec.key} must be a number in [0, 1], got {spec.weight!r}")
-        specs = [s for s in specs if s.weight != 0.0]  # weight 0 is the same as no LoRA
-        wanted = tuple(sorted((adapter_name(s.key), float(s.weight)) for s in specs))
-        missing = [s for s in specs if adapter_name(s.key) not in self.loaded]
+        wanted, missing = self._plan(specs)
         if wanted == self.active and not missing:
             return
         # Each of disable_lora / enable_lora walks every module of three models (a third of a switch's
@@ -101,6 +100,15 @@ class LoraManager:
                     self._clean[key] = tensor.pin_memory()
 
     # ------------------------------------------------------------------ internals
+    def _plan(self, specs: list[LoraSpec]):
+        for spec in specs:  # checked before anything changes: a NaN would fuse into every weight it touches
+            weight = spec.weight
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+                raise UserInputError(f"LoRA weight for {spec.key} must be a number in [0, 1], got {spec.weight!r}")
+        specs = [s for s in specs if s.weight != 0.0]  # weight 0 is the same as no LoRA
+        wanted = tuple(sorted((adapter_name(s.key), float(s.weight)) for s in specs))
+        return wanted, [s for s in specs if adapter_name(s.key) not in self.loaded]
+
     def _components(self) -> list[str]:
         return [c for c in COMPONENTS if getattr(self.pipe, c, None) is not None]
 

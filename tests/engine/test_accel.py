@@ -194,6 +194,37 @@ def test_unet_steps_outside_the_controlnet_window_replay_the_base_graph(tmp_path
     assert np.array_equal(got, want)
 
 
+def test_zero_residuals_make_base_and_controlnet_calls_one_unet_signature(tmp_path, tiny_cache):
+    """With the UNet always given residuals (zeros without a ControlNet), a base call and a ControlNet call
+    share one captured graph (one compile with compile: full), and both images stay exactly as they were."""
+    import numpy as np
+    from PIL import Image
+
+    from mcp_sdxl.engine import ControlInput
+
+    engine, request, base_want = tiny_engine(tmp_path, tiny_cache)
+    edges = Image.new("RGB", (request.width, request.height))
+    edges.paste((255, 255, 255), (16, 16, 48, 48))
+    controlled = dataclasses.replace(request, controls=[ControlInput("canny", edges, 1.0)], control_end=0.5)
+    control_want = np.asarray(engine.generate(controlled).image)
+    unet = engine.pipe.unet
+    runner = accel.install_graphs(accel.state_of(engine.pipe), unet, unet.forward, name="unet", backend=CpuGraphs())
+    unet.forward = accel.with_zero_residuals(unet, unet.forward)
+    assert np.array_equal(np.asarray(engine.generate(request).image), base_want)  # eager, then captured
+    assert runner.stats["captures"] == 1
+    assert np.array_equal(np.asarray(engine.generate(controlled).image), control_want)
+    assert np.array_equal(np.asarray(engine.generate(request).image), base_want)
+    assert runner.stats["captures"] == 1 and len(runner.entries) == 1  # steps with and without residuals
+    down, mid = accel.residual_shapes(unet, (2, 4, 13, 9))  # odd sizes: each downsampler rounds up
+    h, w = 13, 9
+    for _ in unet.config.block_out_channels[1:]:
+        h, w = -(-h // 2), -(-w // 2)
+    assert down[-1][2:] == mid[2:] == (h, w) and len(down) == 1 + sum(
+        [unet.config.layers_per_block] * len(unet.config.block_out_channels)) + len(unet.config.block_out_channels) - 1
+    accel.release(engine.pipe)
+    assert not unet.forward.zero_residuals  # zeros go with the weights
+
+
 def test_compile_caches_go_under_the_configured_folder(tmp_path, monkeypatch):
     """Importing diffusers makes torch write its default cache folder into TORCHINDUCTOR_CACHE_DIR; the
     configured compile_cache_dir still wins over that default, and a folder the user set wins over both."""

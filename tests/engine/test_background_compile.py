@@ -289,3 +289,38 @@ def test_a_lora_change_leaves_the_compiled_unet_as_it_was(tmp_path, tiny_cache):
     assert len(compiles) == 1  # the same graph throughout
     assert not any(p.requires_grad for p in unet.parameters())
     torch._dynamo.reset()
+
+
+def test_lora_calls_leave_the_module_tree_alone_while_a_compile_traces_it(tmp_path, tiny_cache):
+    """A background compile builds its guards from the live module tree when it ends. The same LoRAs again
+    (most calls) no longer swap peft's wrappers in and out; a real change waits for the compile first
+    (on an H200 a swap mid-compile broke it: "'Linear' object has no attribute 'merged_adapters'")."""
+    from mcp_sdxl.engine import LoraSpec
+
+    engine, request, _ = tiny_engine(tmp_path, tiny_cache)
+    state = accel.state_of(engine.pipe)
+    state.strip_lora = True  # as on CUDA (the engine guards its LoraManager: accel.guard_lora_manager)
+    luca = [LoraSpec("character:luca", engine.lora_file("character", "luca"), 0.8)]
+    engine.loras.apply(luca)
+
+    def tree():
+        return [id(m) for m in engine.pipe.unet.modules()]
+
+    before = tree()
+    with torch.inference_mode():
+        gate, _, _, compiler, runner, _ = _compile_held_at_a_gate()
+    state.runners.append(runner)  # this pipeline now has a compile running
+    try:
+        engine.loras.apply(luca)  # the same LoRAs: returns at once, nothing swapped
+        assert tree() == before and compiler.busy
+        switch = threading.Thread(target=engine.loras.apply, args=([],))
+        switch.start()
+        switch.join(0.5)
+        assert switch.is_alive() and tree() == before  # a real change waits for the compile
+        gate.set()
+        switch.join(60)
+        assert not switch.is_alive() and engine.loras.active == ()
+    finally:
+        gate.set()
+        state.runners.remove(runner)
+        torch._dynamo.reset()
