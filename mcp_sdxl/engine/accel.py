@@ -67,6 +67,7 @@ class AccelState:
     one_family: bool = False
     family: Any = None  # the kind of call (size, ControlNets, CFG) the graphs held now belong to
     graphless: set = field(default_factory=set)  # kinds of call that capture no graphs
+    zero_residuals: dict = field(default_factory=dict)  # the UNet's zero ControlNet residuals, per shape
     applied: dict = field(default_factory=dict)  # lever -> what was done (for status / the benchmark)
 
     @property
@@ -147,10 +148,6 @@ def optimize_pipeline(pipe, performance, device: torch.device, cache_root: Path 
         applied["compile"] = mode
     if graphs:
         install_graphs(state, unet, unet.forward, name="unet", compiler=compiler)
-    if graphs or mode == "full":
-        unet.forward = with_zero_residuals(unet, unet.forward)
-        applied["one_unet_signature"] = True
-    if graphs:
         # compel runs each text encoder twice per image (prompt, negative): ~0.2 s of launches, eager
         for component in ("text_encoder", "text_encoder_2"):
             model = getattr(pipe, component, None)
@@ -159,6 +156,9 @@ def optimize_pipeline(pipe, performance, device: torch.device, cache_root: Path 
         # the decode is GPU-bound; in the shared pool its activations reuse the UNet's memory (-1-2 GiB peak)
         install_graphs(state, pipe.vae, pipe.vae.decode, name="vae_decode", attr="decode")
         applied["cuda_graphs"] = True
+    if graphs or mode == "full":
+        unet.forward = with_zero_residuals(unet, unet.forward, state.zero_residuals)
+        applied["one_unet_signature"] = True
     return state
 
 
@@ -179,15 +179,15 @@ def residual_shapes(unet, sample_shape) -> tuple[list[tuple], tuple]:
     return shapes, (n, channels[-1], h, w)
 
 
-def with_zero_residuals(unet, forward):
+def with_zero_residuals(unet, forward, zeros: dict):
     """The UNet's forward, always called with ControlNet residuals: zeros when there is no ControlNet.
 
     A base call and a ControlNet call are then one input signature, so one compiled graph serves both
     (measured on an H200: the ControlNet signature was a second full UNet compile, 118 s with nothing
     cached, and under a 15.5 GiB cap two ControlNets ran at 39 s per image while it compiled beside them).
     Adding zeros leaves every value as it was (x + 0 == x); the zeros are made once per shape (107 MB at
-    1024x1024 with CFG). Residuals keep the UNet's memory format, so both calls have the same strides."""
-    zeros: dict = {}
+    1024x1024 with CFG), kept in `zeros` (AccelState.zero_residuals: `release` drops them with the weights).
+    Residuals keep the UNet's memory format, so both calls have the same strides."""
 
     def fill(sample, *args, down_block_additional_residuals=None, mid_block_additional_residual=None, **kwargs):
         if not isinstance(sample, torch.Tensor) or kwargs.get("down_intrablock_additional_residuals") is not None:
@@ -209,7 +209,6 @@ def with_zero_residuals(unet, forward):
                        **kwargs)
 
     functools.update_wrapper(fill, forward, updated=())  # name, doc, signature (inspect follows __wrapped__)
-    fill.zero_residuals = zeros  # dropped with the weights (release)
     return fill
 
 
@@ -245,9 +244,7 @@ def release(pipe, moving_weights: bool = True) -> None:
         return
     if moving_weights:
         wait_for_compiles(pipe)
-        zeros = getattr(getattr(getattr(pipe, "unet", None), "forward", None), "zero_residuals", None)
-        if zeros is not None:
-            zeros.clear()
+        state.zero_residuals.clear()
     for runner in state.runners:
         runner.reset()
     state.pool[0] = None
@@ -378,7 +375,7 @@ def guard_lora_manager(manager, pipe):
             continue
 
         def guarded(*args, _method=method, _name=name, **kwargs):
-            if _name == "apply" and hasattr(manager, "changes") and not manager.changes(*args, **kwargs):
+            if _name == "apply" and not manager.changes(*args, **kwargs):
                 return None  # the same LoRAs (most calls): the module tree stays as it is
             # A background compile traces this module tree and builds its guards from it at the end (dynamo,
             # measured on an H200: "'Linear' object has no attribute 'merged_adapters'" when the wrappers
