@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process start-up measurements")
     bench.add_argument("--cold-start-only", action="store_true",
                        help="only the fresh-process start-ups, with the first --variants entry's levers")
+    bench.add_argument("--memory-blocks", action="store_true",
+                       help="record where live GPU memory was allocated and list the biggest in each snapshot (slower)")
     bench.add_argument("--reference", help="reference scenarios to run, e.g. 'base+loras3' (default: all the variants need)")
 
     args = parser.parse_args(argv)

@@ -90,7 +90,10 @@ def run_bench(args) -> int:
         meta["gpu"] = torch.cuda.get_device_name()
         meta["gpu_total_gib"] = _gib(torch.cuda.get_device_properties(0).total_memory)
     report.save()
-    vram = Vram(cuda)
+    blocks = cuda and bool(getattr(args, "memory_blocks", False))
+    if blocks:  # the Python stack of every live allocation (slows eager calls: a diagnostic run)
+        torch.cuda.memory._record_memory_history(enabled="state", stacks="python")
+    vram = Vram(cuda, blocks=blocks)
     if vram.nvml:
         meta["nvml_baseline_used_gib"] = _gib(vram.baseline)
     failed = False

@@ -105,8 +105,9 @@ def parse_variants(text: str) -> list:
 class Vram:
     """Peak VRAM per scenario: torch's allocator (allocated, reserved) and NVML's device memory in use."""
 
-    def __init__(self, cuda: bool):
+    def __init__(self, cuda: bool, blocks: bool = False):
         self.cuda = cuda
+        self.blocks = blocks  # --memory-blocks: where live memory was allocated, in every snapshot
         self.nvml = None
         self._peak = 0
         self._stop = threading.Event()
@@ -179,6 +180,10 @@ class Vram:
         out = {"allocated_gib": _gib(torch.cuda.memory_allocated()), "reserved_gib": _gib(torch.cuda.memory_reserved())}
         with contextlib.suppress(Exception):  # where reserved memory sits (a private torch API)
             out["reserved_by"] = reserved_breakdown(torch.cuda.memory_snapshot(), torch.cuda.current_stream().cuda_stream)
+        if self.blocks:
+            with contextlib.suppress(Exception):
+                out["live_blocks"] = live_blocks(torch.cuda.memory._snapshot()["segments"],
+                                                 torch.cuda.current_stream().cuda_stream)
         if self.nvml:
             out["nvml_used_gib"] = _gib(self.used())
             proc = self.process_used()
@@ -211,6 +216,26 @@ def reserved_breakdown(segments: list, main_stream: int) -> dict:
         row["reserved_gib"] = round(row["reserved_gib"], 3)
         row["allocated_gib"] = round(row["allocated_gib"], 3)
     return out
+
+
+def live_blocks(segments: list, main_stream: int, top: int = 16) -> list:
+    """The biggest groups of live blocks by where they sit and the Python frames that allocated them
+    (torch.cuda.memory._record_memory_history must have run): 'GiB count where | frames'."""
+    groups: dict = {}
+    for seg in segments:
+        pool = tuple(seg.get("segment_pool_id") or (0, 0))
+        where = "graph_pool" if pool != (0, 0) else "serving" if seg.get("stream", 0) == main_stream else "other_stream"
+        for block in seg.get("blocks", []):
+            if block.get("state") != "active_allocated":
+                continue
+            frames = [f for f in block.get("frames", []) if f.get("filename", "").endswith(".py")]
+            ours = [f for f in frames if "/torch/" not in f["filename"] or "_inductor" in f["filename"]][:3]
+            shown = " < ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in (ours or frames[:2]))
+            row = groups.setdefault((where, shown), [0, 0])
+            row[0] += block.get("size", 0)
+            row[1] += 1
+    ranked = sorted(groups.items(), key=lambda item: -item[1][0])[:top]
+    return [f"{size / 2**30:.3f} GiB x{count} {where} | {shown}" for (where, shown), (size, count) in ranked]
 
 
 def _gib(n) -> float:

@@ -199,6 +199,8 @@ def _median_time(fn, n: int) -> float:
 
 
 def _vae_decode_costs(pipe, plan: Plan) -> dict:
+    """The VAE decode alone: milliseconds, the peak memory it adds (its activations and cuDNN's workspaces)
+    and the image against float32, per dtype; bfloat16 also in channels_last (NHWC) layout."""
     import torch
 
     vae = pipe.vae
@@ -206,16 +208,25 @@ def _vae_decode_costs(pipe, plan: Plan) -> dict:
                          generator=torch.Generator("cuda").manual_seed(3))
     out = {}
     reference = None
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)):
-        vae.to(dtype)
+    variants = (("float32", torch.float32, torch.contiguous_format), ("bfloat16", torch.bfloat16, torch.contiguous_format),
+                ("float16", torch.float16, torch.contiguous_format),
+                ("bfloat16_channels_last", torch.bfloat16, torch.channels_last))
+    for name, dtype, layout in variants:
+        vae.to(dtype=dtype, memory_format=layout)
         with torch.inference_mode():
             decode = lambda: vae.decode(latent.to(dtype) / vae.config.scaling_factor).sample  # noqa: E731
             decode()
             out[name] = round(_median_time(decode, 5) * 1000, 2)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
             image = decode().float()
+            torch.cuda.synchronize()
+            out[f"{name}_adds_gib"] = round((torch.cuda.max_memory_allocated() - before) / 2**30, 3)
         if reference is None:
             reference = image
         else:
             out[f"{name}_vs_float32_mean_abs_255"] = round(float((image - reference).abs().mean() * 127.5), 4)
-    vae.to(torch.float16)
+    vae.to(dtype=torch.float16, memory_format=torch.contiguous_format)
     return out

@@ -40,7 +40,13 @@ from typing import Any
 import torch
 
 from mcp_sdxl.engine.background_compile import BackgroundCompiler
-from mcp_sdxl.engine.cuda_graphs import GraphRunner, _compiling, graph_stats, install_graphs  # noqa: F401 (re-exported)
+from mcp_sdxl.engine.cuda_graphs import (  # noqa: F401 (re-exported)
+    GraphRunner,
+    _compiling,
+    give_back_side_stream_memory,
+    graph_stats,
+    install_graphs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +295,11 @@ def begin_call(pipe, family) -> None:
     state = getattr(pipe, STATE_ATTR, None)
     if state is None or not state.runners:
         return
+    compilers = [r.compiler for r in state.runners if r.compiler is not None]
+    if any(c.side_memory_left for c in compilers) and not _compiling(state):
+        give_back_side_stream_memory()  # on the serving thread, between calls: no matmul in flight
+        for compiler in compilers:
+            compiler.side_memory_left = False
     if state.one_family and state.family is not None and family != state.family and holds_graphs(pipe):
         release(pipe, moving_weights=False)
         _empty_cuda_cache()

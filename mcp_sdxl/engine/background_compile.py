@@ -71,6 +71,7 @@ class BackgroundCompiler:
         self._oom: dict = {}  # signature -> compile runs that ran out of GPU memory
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.side_memory_left = False  # a finished run left a cuBLAS workspace on its side stream
         self.stats = {"compiles": 0, "compile_s": [], "failures": 0}
 
     @property
@@ -122,8 +123,11 @@ class BackgroundCompiler:
                             self.compiled(*args, **kwargs)
                         stream.synchronize()
                         # this run's freed activation blocks stay cached for its stream, which nothing uses
-                        # again: give cached blocks back (graph pools are not touched by empty_cache)
+                        # again: give cached blocks back (graph pools are not touched by empty_cache). Its
+                        # cuBLAS workspace goes at the next call's start (side_memory_left): clearing the
+                        # workspaces here would race the serving thread's matmuls.
                         torch.cuda.empty_cache()
+                        self.side_memory_left = True
                 else:
                     self.compiled(*args, **kwargs)
         except Exception as exc:  # the signature stays on the plain forward

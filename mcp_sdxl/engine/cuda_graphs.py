@@ -24,6 +24,25 @@ class Uncapturable(Exception):
     pass
 
 
+def give_back_side_stream_memory() -> None:
+    """Return what side-stream work left cached: freed blocks, and cuBLAS's workspaces.
+
+    The caching allocator keeps a freed block for the stream it was allocated on, and cuBLAS keeps one
+    workspace (32 MiB on Hopper) per handle and stream for the process's life. Capture warm-ups and
+    background compiles run on side streams from torch's pool of 32: with two ControlNets, 0.74 GiB sat
+    reserved on other streams of an H200 after a call (docs/bench, session 6). Clearing the workspaces is
+    what torch's own CUDA graph trees do around warm-ups and captures; the next matmul on a stream makes
+    a new one (a graph captured before keeps the one it recorded: captured in its pool, it stays there).
+    """
+    if not torch.cuda.is_available():
+        return
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        torch.cuda.synchronize()  # no kernel still uses a workspace
+        clear()
+    torch.cuda.empty_cache()
+
+
 def _flatten(obj, leaves: list):
     """Structure (hashable) + tensor leaves of call arguments made of tensors, scalars, tuples, lists, dicts."""
     if isinstance(obj, torch.Tensor):
@@ -67,18 +86,22 @@ class CudaGraphBackend:
         with torch.cuda.stream(stream):
             fn()
         torch.cuda.current_stream().wait_stream(stream)
+        # the warm-up's activations were freed on a side stream: cached for that stream only, they would sit
+        # reserved beside the pool while the capture fills it (graph pools are not touched by empty_cache)
+        give_back_side_stream_memory()
 
     def capture(self, fn, pool):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             out = fn()
-        # the warm-up's activations were freed on a side stream: cached for that stream only, they would sit
-        # reserved beside the main stream's own blocks (graph pools are not touched by empty_cache)
-        torch.cuda.empty_cache()
+        give_back_side_stream_memory()
         return graph, out, graph.pool()
 
     def replay(self, graph) -> None:
         graph.replay()
+
+    def reserved(self) -> int:
+        return torch.cuda.memory_reserved()
 
 
 @dataclass
@@ -257,6 +280,8 @@ class GraphRunner:
         for static, value in zip(inputs, leaves):
             static.copy_(value)
         args, kwargs = _unflatten(structure, iter(inputs))
+        reserved = getattr(self.backend, "reserved", None)
+        before = reserved() if reserved is not None else 0
         try:
             self.backend.warm_up(lambda: fn(*args, **kwargs))
             graph, out, pool = self.backend.capture(lambda: fn(*args, **kwargs), self.state.pool[0])
@@ -272,6 +297,10 @@ class GraphRunner:
         self.entries[key] = entry
         self.stats["captures"] += 1
         self.stats["capture_s"] += time.perf_counter() - started
+        if reserved is not None:  # what each capture added to reserved memory (its pool, its static inputs)
+            grown = self.stats.setdefault("capture_reserved_gib", [])
+            if len(grown) < 16:
+                grown.append(round((reserved() - before) / 2**30, 3))
         return entry
 
 

@@ -88,3 +88,27 @@ def test_reserved_memory_is_summed_by_where_it_sits():
     assert out["serving_stream"] == {"reserved_gib": 5.0, "allocated_gib": 3.0, "segments": 2}
     assert out["other_streams"]["reserved_gib"] == 2.0 and out["other_streams"]["allocated_gib"] == 0.0
     assert out["graph_pools"]["reserved_gib"] == 3.0
+
+
+def test_live_blocks_groups_live_memory_by_place_and_allocating_frames():
+    """--memory-blocks: the snapshot's live blocks summed by where they sit (serving stream, another
+    stream, a graph pool) and the first frames outside torch that allocated them, biggest first."""
+    from mcp_sdxl.bench.plan import live_blocks
+
+    frame = lambda name, line: {"filename": f"/x/{name}.py", "line": line, "name": "f"}  # noqa: E731
+    torch_frame = {"filename": "/site-packages/torch/nn/functional.py", "line": 1, "name": "linear"}
+    segments = [
+        {"stream": 7, "segment_pool_id": (0, 0), "blocks": [
+            {"state": "active_allocated", "size": 2**30, "frames": [torch_frame, frame("engine", 10)]},
+            {"state": "active_allocated", "size": 2**30, "frames": [torch_frame, frame("engine", 10)]},
+            {"state": "inactive", "size": 5 * 2**30, "frames": []}]},
+        {"stream": 9, "segment_pool_id": (0, 0), "blocks": [
+            {"state": "active_allocated", "size": 2**25, "frames": [torch_frame]}]},
+        {"stream": 7, "segment_pool_id": (1, 2), "blocks": [
+            {"state": "active_allocated", "size": 2**29, "frames": [frame("decode", 3)]}]},
+    ]
+    rows = live_blocks(segments, main_stream=7)
+    assert rows[0] == "2.000 GiB x2 serving | engine.py:10 f"
+    assert rows[1] == "0.500 GiB x1 graph_pool | decode.py:3 f"
+    assert rows[2].startswith("0.031 GiB x1 other_stream | functional.py:1 linear")
+    assert len(rows) == 3  # freed blocks are not live
