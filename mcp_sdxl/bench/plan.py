@@ -58,6 +58,7 @@ VARIANTS: dict[str, dict | None] = {
     "vae-bf16": dict(vae_dtype="bfloat16"),
     "vae-fp32": dict(vae_dtype="auto"),
     "no-compile": dict(compile="off"),
+    "eager-decode": dict(compile_vae_decode=False),
     "qkv": dict(fuse_qkv=True),
     "cudnn-bench": dict(cudnn_benchmark=True),
 }

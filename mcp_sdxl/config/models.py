@@ -131,6 +131,10 @@ class Performance(Strict):
     # background thread, 20-120 s, while the plain forward serves it as a CUDA graph; without graphs the
     # first image waits). A compile error falls back to the plain forward.
     compile: Literal["off", "regional", "full"] = "full"
+    # With compile: full and cuda_graphs, compile the VAE decode too (in the background, after the UNet).
+    # Inductor fuses its GroupNorm + SiLU pairs and picks the convolutions' layout: less memory than the
+    # eager decode, whose activations and cuDNN workspaces (2.4 GiB at 1024x1024) set the graphs' pool size.
+    compile_vae_decode: bool = True
     # Inductor / Triton caches for compile; relative paths are relative to the data home.
     compile_cache_dir: str = "cache/torch"
     # VAE decode precision: auto follows the VAE's config (SDXL's: float32, it overflows in float16);

@@ -160,7 +160,11 @@ def optimize_pipeline(pipe, performance, device: torch.device, cache_root: Path 
             if model is not None:
                 install_graphs(state, model, model.forward, name=component)
         # the decode is GPU-bound; in the shared pool its activations reuse the UNet's memory (-1-2 GiB peak)
-        install_graphs(state, pipe.vae, pipe.vae.decode, name="vae_decode", attr="decode")
+        decode_compiler = None
+        if compiler is not None and getattr(performance, "compile_vae_decode", False):
+            decode_compiler = BackgroundCompiler(torch.compile(pipe.vae.decode, dynamic=False), name="vae_decode")
+        install_graphs(state, pipe.vae, pipe.vae.decode, name="vae_decode", attr="decode", compiler=decode_compiler,
+                       capture_plain=decode_compiler is None)
         applied["cuda_graphs"] = True
     if graphs or mode == "full":
         unet.forward = with_zero_residuals(unet, unet.forward, state.zero_residuals)

@@ -124,7 +124,7 @@ class GraphRunner:
     """
 
     def __init__(self, module, fn: Callable, state, *, name: str, scale_arg=None,
-                 max_graphs: int = 8, backend=None, compiler=None):
+                 max_graphs: int = 8, backend=None, compiler=None, capture_plain: bool = True):
         self._module = weakref.ref(module)
         self.fn = fn
         self.state = state
@@ -133,6 +133,10 @@ class GraphRunner:
         self.max_graphs = max_graphs
         self.backend = backend or CudaGraphBackend()
         self.compiler = compiler  # BackgroundCompiler (compile: full): `fn` compiled off the caller's thread
+        # capture_plain=False (with a compiler): the plain forward runs eagerly until its compile is done (or
+        # failed) and only the compiled one is captured. For the VAE decode, whose plain capture would size
+        # the shared pool by eager's bigger working set for good (pools never shrink while a graph lives).
+        self.capture_plain = capture_plain or compiler is None
         self.enabled = True
         self.entries: dict = {}
         self.seen: dict = {}
@@ -216,7 +220,7 @@ class GraphRunner:
             fn = self.compiler.function_for(signature, self.state.version, self.fn)
             if fn is self.fn and self.compiler.wanted(signature, self.state.version) and (
                     (signature, False) in self.entries or (signature, False) in self.failed
-                    or self.state.captures_off) and not _compiling(self.state):
+                    or self.state.captures_off or not self.capture_plain) and not _compiling(self.state):
                 # serving fast already (or never will by graphs): compile this signature in the background;
                 # one compile at a time in a pipeline (dynamo's compiles are not meant to run concurrently)
                 self.compiler.submit(signature, self.state.version, structure, leaves)
@@ -230,7 +234,10 @@ class GraphRunner:
         entry = self.entries.get(key)
         if entry is None:
             seen = self.seen[key] = self.seen.get(key, 0) + 1
-            if seen < 2 or len(self.entries) >= self.max_graphs or self.state.captures_off or _compiling(self.state):
+            waiting_for_compile = (fn is self.fn and not self.capture_plain
+                                   and self.compiler.wanted(signature, self.state.version))
+            if seen < 2 or len(self.entries) >= self.max_graphs or self.state.captures_off or _compiling(self.state) \
+                    or waiting_for_compile:
                 self.stats["eager"] += 1
                 return self._plain(fn, args, kwargs, unit)
             entry = self._capture(key, structure, leaves, fn)
@@ -321,8 +328,9 @@ def _compiling(state) -> bool:
 
 
 def install_graphs(state, module, fn: Callable, *, name: str, scale_arg=None, backend=None,
-                   attr: str = "forward", compiler=None) -> GraphRunner:
-    runner = GraphRunner(module, fn, state, name=name, scale_arg=scale_arg, backend=backend, compiler=compiler)
+                   attr: str = "forward", compiler=None, capture_plain: bool = True) -> GraphRunner:
+    runner = GraphRunner(module, fn, state, name=name, scale_arg=scale_arg, backend=backend, compiler=compiler,
+                         capture_plain=capture_plain)
     setattr(module, attr, runner)
     state.runners.append(runner)
     return runner

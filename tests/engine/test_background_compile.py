@@ -352,3 +352,48 @@ def test_side_stream_memory_goes_back_at_the_next_call_once_no_compile_runs(monk
     accel.begin_call(pipe, "base")
     assert given_back == [True] and not compiler.side_memory_left  # once, at the first call after it
     torch._dynamo.reset()
+
+
+@torch.inference_mode()
+def test_a_runner_that_captures_only_compiled_runs_eagerly_until_its_compile_is_done():
+    """The VAE decode's runner (capture_plain=False): its plain forward would size the shared graph pool
+    by eager's working set for good, so it runs eagerly (no capture) and hands its signature to the
+    compiler at once; the compiled forward is what gets captured. If the compile fails, the plain
+    forward is captured after all."""
+    gate = threading.Event()
+    compiled_names: list = []
+    torch._dynamo.reset()
+    pipe, net = FakePipe(), Net()
+    compiler, runner = _compiled_runner(accel.state_of(pipe), net,
+                                        _recording_backend(compiled_names, then=lambda: gate.wait(60)),
+                                        "vae_decode", capture_plain=False)
+    x = torch.randn(2, 4)
+    want = Net.forward.__get__(net)(x)["y"]
+    assert torch.allclose(net(x)["y"], want)  # the first call submits: no plain graph needed first
+    assert compiler.busy
+    for _ in range(3):
+        assert torch.allclose(net(x)["y"], want)
+    assert runner.stats["captures"] == 0 and runner.stats["eager"] == 4  # eager while it compiles
+    gate.set()
+    assert compiler.wait(60) and compiler.ready
+    net(x), net(x)  # the compiled forward: one eager run, then its capture
+    assert runner.stats["captures"] == 1 and all(key[1] for key in runner.entries)  # only compiled graphs
+    assert torch.allclose(net(x)["y"], want) and runner.stats["replays"] >= 1
+
+    def failing_backend(graph_module, example_inputs):
+        raise RuntimeError("inductor cannot compile this")
+
+    torch._dynamo.reset()
+    other = Net()
+    compiler, runner = _compiled_runner(accel.state_of(FakePipe()), other, failing_backend, "vae_decode",
+                                        capture_plain=False)
+    suppress = torch._dynamo.config.suppress_errors
+    torch._dynamo.config.suppress_errors = False  # the failure reaches the compiler (on CUDA it runs eagerly)
+    try:
+        other(x)
+        assert compiler.wait(60) and compiler.failed  # given up: this signature stays on the plain forward
+        other(x), other(x)
+    finally:
+        torch._dynamo.config.suppress_errors = suppress
+    assert runner.stats["captures"] == 1 and not any(key[1] for key in runner.entries)  # the plain graph
+    torch._dynamo.reset()
