@@ -13,7 +13,9 @@
   first-call compile; the ControlNets' blocks reuse the UNet's compiled code), "full" (the default) the
   whole UNet and ControlNet forwards (20-120 s per kind of call: with cuda_graphs it compiles in a
   background thread, engine/background_compile.py, and no call waits for it). The inductor and Triton
-  caches live under the data home (`compile_cache_dir`), so later starts reuse the compiled code.
+  caches live under the data home (`compile_cache_dir`), so later starts reuse the compiled code. With
+  `compile_vae_decode` the VAE decode is compiled too (its eager capture set the graphs' pool at 2.97 GiB,
+  compiled 1.43 GiB; 30 ms faster), and only its compiled forward is captured.
 - vae_dtype: the SDXL VAE's config asks for a float32 decode (it overflows in float16); "bfloat16" decodes in
   bf16 (float32's range), "float16" suits the fp16-fix VAE only.
 - strip_lora_wrappers: after the active LoRAs are fused, peft's wrapper layers compute nothing but their base
