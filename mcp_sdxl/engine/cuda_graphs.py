@@ -118,7 +118,7 @@ class GraphRunner:
 
     A signature is the argument structure plus each tensor's shape, dtype and strides (scalars by value).
     Replays copy the arguments into the graph's static inputs and return copies of its outputs. The weights'
-    addresses are checked before every replay (moved weights: graphs dropped); `lora_update` makes the runner
+    addresses are checked before every replay (moved weights: graphs dropped); `lora_wrappers.lora_update` makes the runner
     re-scan the module. With `scale_arg` (ControlNet's conditioning_scale) the graph runs at scale 1.0 and
     the outputs are multiplied by the scale, so every strength shares one graph.
     """
@@ -163,13 +163,13 @@ class GraphRunner:
     def _rescan(self, module) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        from mcp_sdxl.engine.accel import _is_identity_lora
+        from mcp_sdxl.engine.lora_wrappers import is_identity_lora
 
         tensors = [p for n, p in module.named_parameters() if "lora_" not in n]
         tensors += [b for n, b in module.named_buffers() if "lora_" not in n]
         self._tensors = tensors
         # an active, unfused adapter computes something a graph captured without it lacks (and vice versa)
-        self._lora_active = any(isinstance(m, BaseTunerLayer) and not _is_identity_lora(m) for m in module.modules())
+        self._lora_active = any(isinstance(m, BaseTunerLayer) and not is_identity_lora(m) for m in module.modules())
         self._version = self.state.version
 
     def _weights_moved(self, module) -> bool:

@@ -23,6 +23,7 @@ from PIL import Image
 from mcp_sdxl.config import Settings
 from mcp_sdxl.engine import accel
 from mcp_sdxl.engine import controlnet as cn
+from mcp_sdxl.engine import lora_wrappers
 from mcp_sdxl.engine.loading import WeightSource, inference_only, load_sdxl_pipeline, own_memory, resolve_source
 from mcp_sdxl.engine.lora import LoraManager, LoraSpec
 from mcp_sdxl.engine.residency import HostCopy, drop_storage
@@ -145,7 +146,7 @@ class Engine:
                 self._apply_vram_limit()
                 self.pipe = self._load_pipeline()
                 self.loras = LoraManager(self.pipe)
-                accel.guard_lora_manager(self.loras, self.pipe)  # fused QKV follows LoRAs; wrappers out of the hot path
+                lora_wrappers.guard_lora_manager(self.loras, self.pipe)  # fused QKV follows LoRAs; wrappers out of the hot path
             if self.state == "offloaded":
                 self._host.restore(self._weight_modules(), self.device)  # pinned buffers -> GPU
             self.pipe.to(self.device)

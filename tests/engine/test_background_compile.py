@@ -299,7 +299,7 @@ def test_lora_calls_leave_the_module_tree_alone_while_a_compile_traces_it(tmp_pa
 
     engine, request, _ = tiny_engine(tmp_path, tiny_cache)
     state = accel.state_of(engine.pipe)
-    state.strip_lora = True  # as on CUDA (the engine guards its LoraManager: accel.guard_lora_manager)
+    state.strip_lora = True  # as on CUDA (the engine guards its LoraManager: lora_wrappers.guard_lora_manager)
     luca = [LoraSpec("character:luca", engine.lora_file("character", "luca"), 0.8)]
     engine.loras.apply(luca)
 
