@@ -30,6 +30,7 @@ only re-attaches what it never stripped.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
