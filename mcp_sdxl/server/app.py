@@ -1,11 +1,10 @@
 """The MCP surface: tools, resources and prompts over one Studio. No torch here.
 
 Tool inputs are flat (strings, numbers, booleans, lists of strings): some clients drop `$defs`.
-Every failure becomes a tool error whose text says what would work.
+Every failure becomes a tool error whose text says what would work (protocol.py: the error shaping and
+the SDK server's dispatch; shaping.py: results and argument messages).
 """
 
-
-import functools
 import inspect
 import json
 import logging
@@ -14,20 +13,14 @@ from typing import Annotated, Any, Literal
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import (
-    ResourceError,
-    ResourceNotFoundError,
-    ToolError,
-    UnexpectedResourceError,
-    UnexpectedToolError,
-)
-from mcp.shared.exceptions import MCPError
-from mcp.types import INTERNAL_ERROR, INVALID_PARAMS, CallToolResult, ToolAnnotations
-from pydantic import BeforeValidator, Field, ValidationError
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import CallToolResult, ToolAnnotations
+from pydantic import BeforeValidator, Field
 
 from mcp_sdxl import __version__
-from mcp_sdxl.errors import BusyError, CancelledError, ConfigError, GpuLeaseError, NotFoundError, UserInputError, shown
+from mcp_sdxl.errors import UserInputError, shown
 from mcp_sdxl.server import shaping
+from mcp_sdxl.server.protocol import StudioServer, resource_errors, tool_errors
 from mcp_sdxl.studio.planning import Problems
 from mcp_sdxl.studio.results import GenerationResult, JobInfo
 
@@ -70,111 +63,6 @@ ImageRef = Annotated[str | None, Field(description="image id (img_...) or a file
 Strength = Annotated[float | None, NotBool, Field(description="ControlNet strength 0.0-2.0; default from controlnet_config.yaml")]
 
 
-def _tool_errors(fn):
-    """Turn every failure into a ToolError whose text the model can act on."""
-
-    @functools.wraps(fn)
-    async def wrapper(*args, **kwargs):
-        try:
-            return await fn(*args, **kwargs)
-        except ToolError:
-            raise
-        except (UserInputError, BusyError, CancelledError, ConfigError, GpuLeaseError) as exc:
-            raise ToolError(_capped(str(exc))) from exc
-        except Exception as exc:
-            log.exception("tool %s failed", fn.__name__)
-            raise ToolError(_capped(f"{type(exc).__name__}: {exc}")) from exc
-
-    wrapper.__signature__ = inspect.signature(fn)
-    return wrapper
-
-
-def _capped(message: str, limit: int = 4000) -> str:
-    """Every message quotes the caller's values cut short (errors.shown); this is the last guard."""
-    return message if len(message) <= limit else message[: limit - 20] + " ... (message cut)"
-
-
-def _resource_errors(fn):
-    """A bad or unknown image id is the reader's mistake: say so (the SDK would only name the URI)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except NotFoundError as exc:
-            raise ResourceNotFoundError(str(exc)) from exc
-        except (UserInputError, OSError) as exc:
-            raise ResourceError(str(exc)) from exc
-
-    wrapper.__signature__ = inspect.signature(fn)
-    return wrapper
-
-
-class StudioServer(MCPServer):
-    """MCPServer whose argument-validation errors read as one short clause per field."""
-
-    async def call_tool(self, name, arguments, context=None):
-        tool = self._tool_manager.get_tool(name)
-        if tool is None:
-            known = ", ".join(t.name for t in self._tool_manager.list_tools())
-            raise ToolError(f"unknown tool {shown(name)}; tools: {known}")
-        if isinstance(arguments, dict):
-            # pydantic would drop them silently: `prompt` for `scene_description`, `num_images` for
-            # `num_candidates` would give an image the model did not ask for
-            known = tool.parameters.get("properties", {})
-            unknown = [k for k in arguments if k not in known]
-            if unknown:
-                raise ToolError(f"Error executing tool {name}: {shaping.unknown_arguments(unknown, list(known))}")
-        try:
-            return await super().call_tool(name, arguments, context)
-        except ToolError as exc:
-            cause = exc.__cause__
-            if not isinstance(exc, UnexpectedToolError) and isinstance(cause, ValidationError):
-                # still caused by the ValidationError: the SDK logs the rejected field names only
-                raise ToolError(f"Error executing tool {name}: {shaping.argument_errors(cause)}") from cause
-            raise
-
-    async def run_stdio_async(self) -> None:
-        from mcp_sdxl.server.stdio import run_stdio
-
-        await run_stdio(self)
-
-    async def read_resource(self, uri, context=None):
-        try:
-            return await super().read_resource(uri, context)
-        except ResourceError as exc:
-            if isinstance(exc, UnexpectedResourceError):
-                raise  # a crash: the SDK logs it and names only the URI
-            # the SDK would echo the whole URI back (message and data) and, for an unknown one, name
-            # nothing that exists
-            message = str(exc)
-            if isinstance(exc, ResourceNotFoundError) and message.startswith("Unknown resource"):
-                known = [str(r.uri) for r in self._resource_manager.list_resources()]
-                known += [t.uri_template for t in self._resource_manager.list_templates()]
-                message = f"unknown resource {shown(str(uri))}; resources: {', '.join(known)}"
-            code = INVALID_PARAMS if isinstance(exc, ResourceNotFoundError) else INTERNAL_ERROR
-            raise MCPError(code, _capped(message, 2000), data={"uri": shown(str(uri), 200)}) from exc
-
-    async def get_prompt(self, name, arguments=None, context=None):
-        # The SDK answers an unknown prompt or a missing argument with "Internal server error" only.
-        prompt = self._prompt_manager.get_prompt(name)
-        if prompt is None:
-            known = ", ".join(p.name for p in self._prompt_manager.list_prompts())
-            raise MCPError(INVALID_PARAMS, f"unknown prompt {str(name)[:80]!r}; prompts: {known}")
-        accepted = {a.name for a in prompt.arguments or []}
-        unknown = [k for k in (arguments or {}) if k not in accepted]
-        if unknown:
-            wanted = ", ".join(f"{a.name} ({'required' if a.required else 'optional'})" for a in prompt.arguments or [])
-            raise MCPError(INVALID_PARAMS, f"prompt {shown(name)} takes no argument {', '.join(shown(k, 40) for k in unknown[:5])}; "
-                                           f"arguments: {wanted or 'none'}")
-        given = {k for k, v in (arguments or {}).items() if v not in (None, "")}
-        missing = [a.name for a in prompt.arguments or [] if a.required and a.name not in given]
-        if missing:
-            wanted = ", ".join(f"{a.name} ({'required' if a.required else 'optional'})" for a in prompt.arguments)
-            raise MCPError(INVALID_PARAMS, f"prompt {shown(name)} needs {', '.join(map(repr, missing))}; arguments: {wanted}")
-        return await super().get_prompt(name, arguments, context)
-
-
 def build_server(studio) -> MCPServer:
     """An MCPServer whose tools call `studio` (a mcp_sdxl.studio.Studio)."""
     server = StudioServer(name="mcp-sdxl", version=__version__, instructions=INSTRUCTIONS)
@@ -214,7 +102,7 @@ def build_server(studio) -> MCPServer:
 
     # ------------------------------------------------------------------ tools
     @server.tool(annotations=ToolAnnotations(readOnlyHint=True, idempotentHint=True, openWorldHint=False))
-    @_tool_errors
+    @tool_errors
     async def list_characters() -> dict[str, Any]:
         """List what can be generated: characters (preset prompt, LoRA, trigger words, references),
         backgrounds and styles (LoRAs with default weights), quality presets, pose presets, ControlNets,
@@ -223,7 +111,7 @@ def build_server(studio) -> MCPServer:
         return await anyio.to_thread.run_sync(studio.list_characters)
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=False, openWorldHint=False))
-    @_tool_errors
+    @tool_errors
     async def generate_character(
         character: Character,
         scene_description: Scene,
@@ -259,7 +147,7 @@ def build_server(studio) -> MCPServer:
         return await run_generation(plan, ctx, run_as_job)
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=False, openWorldHint=False))
-    @_tool_errors
+    @tool_errors
     async def generate_with_control(
         ctx: Context,
         prompt: Annotated[str, Field(description="what to draw (with a character: the scene)")] = "",
@@ -322,7 +210,7 @@ def build_server(studio) -> MCPServer:
         return await run_generation(plan, ctx, run_as_job)
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
-    @_tool_errors
+    @tool_errors
     async def score_consistency(
         images: Annotated[list[str], Field(description="image ids (img_...) or paths under the input folders to score")],
         character: OptCharacter = None,
@@ -336,7 +224,7 @@ def build_server(studio) -> MCPServer:
         return await anyio.to_thread.run_sync(lambda: studio.score_images(images, character, reference_images, threshold))
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=False, openWorldHint=False))
-    @_tool_errors
+    @tool_errors
     async def enroll_reference(
         character: Character,
         images: Annotated[list[str], Field(description="image ids or paths under the input folders showing the character's face")],
@@ -346,7 +234,7 @@ def build_server(studio) -> MCPServer:
         return await anyio.to_thread.run_sync(lambda: studio.enroll(character, images))
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
-    @_tool_errors
+    @tool_errors
     async def get_job(job_id: Annotated[str, Field(description="job id returned by a generation tool")]) -> Annotated[CallToolResult, JobInfo]:
         """Progress and, when done, the result of a background generation job. Job ids are kept for
         job_ttl_s (default 24 h) after they finish, by the server process that ran them: a job outlives
@@ -359,7 +247,7 @@ def build_server(studio) -> MCPServer:
         return shaping.data_result(info)
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=True, idempotentHint=True, openWorldHint=False))
-    @_tool_errors
+    @tool_errors
     async def cancel_job(job_id: Annotated[str, Field(description="job id to stop")]) -> dict[str, Any]:
         """Stop a queued or running job within one denoising step. Nothing from it is kept (a batch is
         all-or-nothing). Returns the job's final state."""
@@ -369,7 +257,7 @@ def build_server(studio) -> MCPServer:
         return studio.job_info(job).model_dump(mode="json", exclude_none=True)
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=False, idempotentHint=True, openWorldHint=True))
-    @_tool_errors
+    @tool_errors
     async def release_gpu(
         mode: Annotated[Literal["offload", "unload"], Field(description="offload: weights to CPU RAM (fast to re-acquire); unload: free RAM too")] = "offload",
         wake_llm: Annotated[bool, Field(description="wake the local LLM server after releasing")] = True,
@@ -380,14 +268,14 @@ def build_server(studio) -> MCPServer:
         return await anyio.to_thread.run_sync(lambda: studio.release_gpu(mode, wake_llm))
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=True))
-    @_tool_errors
+    @tool_errors
     async def gpu_status() -> dict[str, Any]:
         """Who holds the GPU lease, VRAM used/free, engine state (loaded LoRAs/ControlNets), the LLM
         backend state, and the queue (limit, calls waiting, the job running now with its progress)."""
         return await anyio.to_thread.run_sync(studio.gpu_status)
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
-    @_tool_errors
+    @tool_errors
     async def list_images(limit: Annotated[int, Field(description="how many, newest first (1-200)")] = 20) -> dict[str, Any]:
         """Recent images in the store with their ids, kinds and prompts."""
         if not 1 <= limit <= 200:
@@ -402,13 +290,13 @@ def build_server(studio) -> MCPServer:
     # ------------------------------------------------------------------ resources
     @server.resource("sdxl://images/{image_id}", mime_type="image/png",
                      description="a generated image, the PNG file (2-3 MB at 1024x1024; /jpeg fits 1 MiB clients)")
-    @_resource_errors
+    @resource_errors
     def image_resource(image_id: str) -> bytes:
         return studio.store.get(image_id).path.read_bytes()
 
     @server.resource("sdxl://images/{image_id}/jpeg", mime_type="image/jpeg",
                      description="a generated image as a JPEG that fits in one client message (under 1 MiB as base64)")
-    @_resource_errors
+    @resource_errors
     def image_jpeg(image_id: str) -> bytes:
         from PIL import Image
 
@@ -418,7 +306,7 @@ def build_server(studio) -> MCPServer:
             return encode_jpeg(img, limits.max_result_bytes * 3 // 4 - 1_000)  # base64 grows data by 4/3
 
     @server.resource("sdxl://images/{image_id}/metadata", mime_type="application/json", description="generation parameters of an image")
-    @_resource_errors
+    @resource_errors
     def image_metadata(image_id: str) -> str:
         return json.dumps(studio.store.get(image_id).metadata, indent=1, default=str)
 
