@@ -1,9 +1,12 @@
-"""The SDK's stdio transport with one repair: a line whose only fault is a lone UTF-16 surrogate.
+"""The SDK's stdio transport with two repairs: lines it cannot read are answered, and a line whose only
+fault is a lone UTF-16 surrogate is read.
 
 A JavaScript client that cuts a model's text inside an emoji sends a lone surrogate escape ("\\ud83d")
 in a JSON string. That is valid JSON, but the SDK's strict parser rejects the line and answers nothing,
 so the client waits for its timeout. Here such a line is parsed leniently, each lone surrogate becomes
-U+FFFD, and the message goes on as if it had been sent that way.
+U+FFFD, and the message goes on as if it had been sent that way. Any other line the SDK cannot read (not
+JSON, nested too deep, not a JSON-RPC message) gets a JSON-RPC error with id null, as the HTTP transport
+answers, instead of silence (or, for a line nested 1,000 deep, a RecursionError that ended the server).
 """
 
 from __future__ import annotations
@@ -40,9 +43,9 @@ def repaired(item):
         return item
     try:
         data = json.loads(raw)  # Python's parser takes lone surrogates
-    except ValueError:
-        return item  # not JSON at all
-    fixed = replace_lone_surrogates(data)
+        fixed = replace_lone_surrogates(data)
+    except (ValueError, RecursionError):
+        return item  # not JSON at all, or nested too deep to read
     if fixed == data:
         return item
     try:
@@ -53,14 +56,31 @@ def repaired(item):
     return SessionMessage(message)
 
 
-class RepairedReadStream:
-    """The SDK's receive stream, each item passed through `repaired`."""
+def unreadable_reply(exc: Exception) -> SessionMessage:
+    """The JSON-RPC error for a line that could not be read (id null: its id could not be read either)."""
+    errors = exc.errors() if isinstance(exc, ValidationError) else []
+    if errors and errors[0].get("type") == "json_invalid":
+        code, what = types.PARSE_ERROR, f"Parse error: the line is not JSON ({errors[0].get('msg', '')[:120]})"
+    else:
+        code, what = types.INVALID_REQUEST, "Invalid request: the line is JSON but not a JSON-RPC 2.0 message"
+    return SessionMessage(types.JSONRPCError(jsonrpc="2.0", id=None, error=types.ErrorData(code=code, message=what)))
 
-    def __init__(self, inner):
+
+class RepairedReadStream:
+    """The SDK's receive stream, each item passed through `repaired`; what stays unreadable is answered
+    through `reply` (the write stream) and not passed on."""
+
+    def __init__(self, inner, reply=None):
         self._inner = inner
+        self._reply = reply
 
     async def receive(self):
-        return repaired(await self._inner.receive())
+        while True:
+            item = repaired(await self._inner.receive())
+            if not isinstance(item, Exception) or self._reply is None:
+                return item
+            log.warning("stdin: a line that is not a JSON-RPC message was answered with an error")
+            await self._reply(unreadable_reply(item))
 
     def __aiter__(self):
         return self
@@ -89,4 +109,5 @@ async def run_stdio(server) -> None:
     """MCPServer.run_stdio_async with the repaired read stream."""
     lowlevel = server._lowlevel_server
     async with stdio_server() as (read_stream, write_stream):
-        await lowlevel.run(RepairedReadStream(read_stream), write_stream, lowlevel.create_initialization_options())
+        await lowlevel.run(RepairedReadStream(read_stream, reply=write_stream.send), write_stream,
+                           lowlevel.create_initialization_options())

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from mcp_sdxl.config import Settings
 from mcp_sdxl.config.models import CharacterPreset, LoraEntry
 from mcp_sdxl.errors import NotFoundError, UserInputError, shown
-from mcp_sdxl.studio.prompting import compose_prompt, merge_negative
+from mcp_sdxl.studio.prompting import compose_prompt, merge_negative, weighting_problem
 
 CONTROL_KINDS = {"pose": "openpose", "depth": "depth", "canny": "canny"}
 
@@ -65,7 +65,9 @@ class Plan:
 
 
 def _finite(name: str, value, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # math.isfinite(10**400) overflows: an int is always finite
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float)
+                                                                          and not math.isfinite(value)):
         raise UserInputError(f"{name} must be a number in [{_num(low)}, {_num(high)}], got {shown(value)}")
     if not low <= value <= high:
         raise UserInputError(f"{name} must be in [{_num(low)}, {_num(high)}], got {_num(value)}")
@@ -74,7 +76,10 @@ def _finite(name: str, value, low: float, high: float) -> float:
 
 def _num(value: float) -> str:
     """4294967295, not 4.29497e+09: the model copies the bound it is shown."""
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+    if isinstance(value, int):
+        digits = str(value)
+        return digits if len(digits) <= 24 else f"{digits[:12]}... ({len(digits.lstrip('-'))} digits)"
+    return str(int(value)) if value.is_integer() else f"{value:g}"
 
 
 def _unknown(kind: str, name, valid: list[str]) -> NotFoundError:
@@ -178,6 +183,10 @@ class Planner:
                 raise UserInputError("scene_description/prompt must be a string")
             if len(scene_description) > 4000 or len(negative_prompt or "") > 4000:
                 raise UserInputError("prompts are limited to 4000 characters; shorten the description")
+            for field, text in (("the prompt", scene_description), ("negative_prompt", negative_prompt or "")):
+                problem = weighting_problem(text, field)
+                if problem:
+                    raise UserInputError(problem)
             if character is None and not scene_description.strip():
                 raise UserInputError("give a prompt (or a character) describing the image")
 

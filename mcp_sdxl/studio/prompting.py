@@ -49,3 +49,38 @@ def merge_negative(*parts: str | None) -> str:
             if phrase and _normalise(phrase) not in {_normalise(s) for s in seen}:
                 seen.append(phrase)
     return ", ".join(seen)
+
+
+# compel's weighting grammar (pyparsing) backtracks: its time grows about 4x with each level of nesting
+# and each unmatched parenthesis. Measured on the CPU: ((((beach)))) 0.3 s, ((((((beach)))))) 6.8 s,
+# (((beach 1.0 s, ((((((( beach 25 s; twelve unclosed would run for hours in the engine's worker, with
+# the GPU taken and every later call queued behind it. Prompts are checked before they queue.
+MAX_WEIGHT_NESTING = 4
+MAX_UNMATCHED = 2
+
+
+def weighting_problem(text: str, field: str) -> str | None:
+    """Why compel would take too long on `text`'s parentheses/brackets, or None."""
+    depth = deepest = unmatched = 0
+    escaped = False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch in "([":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in ")]":
+            if depth:
+                depth -= 1
+            else:
+                unmatched += 1  # a closer with nothing open
+    unmatched += depth  # openers never closed
+    if deepest > MAX_WEIGHT_NESTING:
+        return (f"{field} nests parentheses/brackets {deepest} deep; use at most {MAX_WEIGHT_NESTING} levels "
+                "(weight a word with (word)1.5 or word++ instead of ((((word)))))")
+    if unmatched > MAX_UNMATCHED:
+        return (f"{field} has {unmatched} unmatched parentheses/brackets; close them or leave them out "
+                f"(at most {MAX_UNMATCHED}: the weighting parser slows down sharply with each one)")
+    return None

@@ -172,3 +172,48 @@ def test_a_lone_surrogate_from_a_client_is_answered(home, config_dir):
     finally:
         proc.stdin.close()
         proc.wait(timeout=30)
+
+
+def test_lines_that_are_not_json_rpc_are_answered_and_the_server_stays_up(home, config_dir):
+    """The SDK answered nothing to a line it could not read (the client waited for its timeout), and a line
+    nested 1,000 deep raised a RecursionError that ended the server. Each now gets a JSON-RPC error with id
+    null (-32700 not JSON, -32600 not a message), as over HTTP, and the next call is served."""
+    import json
+    import queue
+    import subprocess
+    import sys
+    import threading
+
+    from mcp_procs import REPO, serve_args, server_env
+
+    proc = subprocess.Popen([sys.executable, *serve_args(home, config_dir)], cwd=REPO, env=server_env(home),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        def send(text: str) -> None:
+            proc.stdin.write(text + "\n")
+            proc.stdin.flush()
+
+        def next_message() -> dict:
+            return json.loads(lines.get(timeout=60))
+
+        send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}))
+        assert "result" in next_message()
+        send(json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+        deep = "[" * 1000 + "]" * 1000
+        for line, code in (("not json", -32700), ('{"jsonrpc": "2.0", "id": 5, "method": "tools/call", '
+                           '"params": {"name": "list_images", "arguments": {"limit": ' + deep + '}}}', None),
+                           ('{"hello": 1}', -32600)):
+            send(line)
+            reply = next_message()
+            assert reply["id"] is None and "error" in reply, reply
+            if code is not None:
+                assert reply["error"]["code"] == code
+        send(json.dumps({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+            "name": "list_images", "arguments": {"limit": 1}}}))
+        assert next_message().get("id") == 3 and proc.poll() is None  # still serving
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)

@@ -194,3 +194,29 @@ def test_control_inputs_are_validated(planner):
         controls(depth_strength=1.0)
     with pytest.raises(UserInputError, match="at least one control"):
         controls()
+
+
+def test_prompts_that_would_stall_the_weighting_parser_are_refused_before_they_queue(planner):
+    """compel's parse time grows about 4x per nesting level and per unmatched parenthesis (12 unclosed ran
+    for hours in the engine's worker, GPU taken, every later call queued behind it)."""
+    with pytest.raises(UserInputError, match=r"the prompt nests parentheses/brackets 6 deep; use at most 4"):
+        plan(planner, scene="((((((beach))))))")
+    with pytest.raises(UserInputError, match=r"negative_prompt nests parentheses/brackets 12 deep"):
+        plan(planner, negative_prompt="(" * 12 + " blurry")
+    with pytest.raises(UserInputError, match=r"negative_prompt has 3 unmatched parentheses/brackets; close them"):
+        plan(planner, negative_prompt="(blurry (dark [grainy")
+    with pytest.raises(UserInputError, match=r"3 unmatched"):
+        plan(planner, scene="beach)))")
+    # what prompts use stays allowed: weights, a little nesting, an emoticon, escaped parentheses
+    for scene in ("(red scarf)1.3 [sad] hat++", "((waving))", "smiling :) on the pier", r"a sign reading \(((open\)"):
+        assert plan(planner, scene=scene).prompt
+
+
+def test_integers_too_big_for_a_float_are_range_errors(planner):
+    """math.isfinite(10**400) raised OverflowError: the model got a Python error, not the range."""
+    huge = 10**400
+    with pytest.raises(UserInputError) as err:
+        planner.plan(kind="character", character="luca", scene_description="x", seed=huge, steps=huge, width=huge)
+    message = str(err.value)
+    assert "OverflowError" not in message and "seed must be in [0, 4294967294], got 100000000000... (401 digits)" in message
+    assert "steps must be in [1, 100]" in message
