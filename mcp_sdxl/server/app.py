@@ -276,7 +276,7 @@ def build_server(studio) -> MCPServer:
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
     @tool_errors
-    async def list_images(limit: Annotated[int, Field(description="how many, newest first (1-200)")] = 20) -> dict[str, Any]:
+    async def list_images(limit: Annotated[int, NotBool, Field(description="how many, newest first (1-200)")] = 20) -> dict[str, Any]:
         """Recent images in the store with their ids, kinds and prompts."""
         if not 1 <= limit <= 200:
             raise UserInputError("limit must be in [1, 200]")

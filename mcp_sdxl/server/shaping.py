@@ -108,24 +108,34 @@ def unknown_arguments(unknown: list[str], known: list[str]) -> str:
     import difflib
 
     parts = []
-    for name in unknown:
+    for name in unknown[:MAX_LISTED]:
         shown = repr(name if len(name) <= 40 else name[:37] + "...")
         close = [ARGUMENT_SYNONYMS[name]] if ARGUMENT_SYNONYMS.get(name) in known else []
         close = close or difflib.get_close_matches(name, known, n=1, cutoff=0.6)
         parts.append(f"{shown} (did you mean {close[0]!r}?)" if close else shown)
+    parts += _more(len(unknown))
     return f"unknown argument(s) {', '.join(parts)}; this tool takes: {', '.join(known) or 'no arguments'}"
+
+
+# One clause per problem, for the first few: 100,000 bad list items made a 5.4 MB error message.
+MAX_LISTED = 10
+
+
+def _more(total: int) -> list[str]:
+    return [f"and {total - MAX_LISTED} more"] if total > MAX_LISTED else []
 
 
 def argument_errors(error) -> str:
     """A pydantic ValidationError of a tool's arguments as one short clause per field, with the value
     that was sent: what the model needs to correct the call (not pydantic's multi-line text and links)."""
     parts = []
-    for item in error.errors():
+    errors = error.errors()
+    for item in errors[:MAX_LISTED]:
         field = ".".join(str(p) for p in item.get("loc", ())) or "arguments"
         text = f"{field}: {item.get('msg', 'invalid')}"
         if item.get("type") != "missing":
             sent = repr(item.get("input"))
             text += f" (got {sent if len(sent) <= 80 else sent[:77] + '...'})"
-        parts.append(text)
-    return "invalid arguments: " + "; ".join(parts)
+        parts.append(text if len(text) <= 300 else text[:297] + "...")
+    return "invalid arguments: " + "; ".join(parts + _more(len(errors)))
 

@@ -144,6 +144,22 @@ async def test_wrong_types_are_rejected(server):
                                           "mode: Input should be 'offload' or 'unload' (got 'nap')")
         ok = await client.call_tool("list_images", {"limit": "5"})  # a number sent as a string still works
         assert not ok.is_error
+        result = await client.call_tool("list_images", {"limit": True})  # not read as 1
+        assert result.is_error and "must be a number, not true/false" in result.content[0].text
+
+
+async def test_errors_about_many_bad_items_stay_short(server):
+    """One clause per problem made a 5.4 MB message for 100,000 bad list items (2.1 MB for 50,000 unknown
+    argument names): the first ten are named, then how many more."""
+    async with Client(server) as client:
+        result = await client.call_tool("score_consistency", {"character": "luca", "images": [1] * 100_000})
+        text = result.content[0].text
+        assert result.is_error and "images.0:" in text and "and 99990 more" in text and len(text) < 4000
+        args = {f"extra_{i}": 1 for i in range(50_000)}
+        result = await client.call_tool("list_images", args)
+        text = result.content[0].text
+        assert result.is_error and "'extra_0'" in text and "and 49990 more" in text and len(text) < 4000
+        assert "this tool takes: limit" in text
 
 
 async def test_prompt_template(server):
