@@ -116,10 +116,15 @@ class ImageStore:
         if not png_path.exists():
             raise NotFoundError(f"no image with id {shown(image_id)} in the store; use an id returned by a generation tool")
         json_path = self.output_dir / f"{image_id}.json"
+        metadata = None
         try:
             metadata = json.loads(json_path.read_text())
         except (OSError, ValueError):
-            metadata = _embedded_metadata(png_path) or {"id": image_id}
+            pass
+        if not isinstance(metadata, dict):  # a sidecar edited by hand ("text", [1, 2]) must not break listings
+            metadata = _embedded_metadata(png_path)
+        if not isinstance(metadata, dict):
+            metadata = {"id": image_id}
         return StoredImage(image_id, png_path, metadata)
 
     def list_ids(self, limit: int = 100) -> list[str]:

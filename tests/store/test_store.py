@@ -99,3 +99,12 @@ def test_preview_respects_size_and_bytes():
 
     with Image.open(io.BytesIO(data)) as img:
         assert max(img.size) <= 768
+
+
+def test_a_sidecar_that_is_not_an_object_falls_back_to_the_embedded_parameters(store):
+    """A hand-edited sidecar ("text", [1, 2, 3]) made list_images fail for every image."""
+    stored = store.save(_image(), {"prompt": "luca on the pier", "seed": 3})
+    for bad in ('"just a string"', "[1, 2, 3]", "null", "{not json"):
+        stored.path.with_suffix(".json").write_text(bad)
+        metadata = store.get(stored.id).metadata
+        assert metadata["prompt"] == "luca on the pier" and metadata["seed"] == 3  # from the PNG's own text
