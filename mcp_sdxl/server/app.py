@@ -263,7 +263,8 @@ def build_server(studio) -> MCPServer:
         wake_llm: Annotated[bool, Field(description="wake the local LLM server after releasing")] = True,
     ) -> dict[str, Any]:
         """Give the GPU back to the local LLM server: the engine offloads or unloads, the lease is
-        released and the LLM is woken. Safe to call any time, also twice. Returns VRAM before/after,
+        released and the LLM is woken. Safe to call any time, also twice; while a job generates, the
+        release waits for the queue to run empty (the result says deferred). Returns VRAM before/after,
         time taken and the LLM state."""
         return await anyio.to_thread.run_sync(lambda: studio.release_gpu(mode, wake_llm))
 

@@ -41,6 +41,8 @@ class Studio:
         self.jobs = JobQueue(server.queue_limit, server.job_ttl_s, on_idle=self._arm_idle_release)
         self._idle_timer: threading.Timer | None = None
         self._gpu_lock = threading.RLock()
+        self._running_job: str | None = None  # the job generating now (the worker runs one at a time)
+        self._deferred_release: tuple[str, bool] | None = None  # release_gpu's (mode, wake_llm) while one ran
         self.recovery = self.lease.recover()  # wake an LLM that a crashed holder left asleep
 
     # ------------------------------------------------------------------ catalogue
@@ -117,6 +119,13 @@ class Studio:
         return per_image * len(plan.seeds) + loading
 
     def _run(self, job: Job, plan: Plan) -> GenerationResult:
+        self._running_job = job.id  # a release_gpu meanwhile waits for the queue to run empty
+        try:
+            return self._run_plan(job, plan)
+        finally:
+            self._running_job = None
+
+    def _run_plan(self, job: Job, plan: Plan) -> GenerationResult:
         from mcp_sdxl.engine import ControlInput, GenerationRequest, LoraSpec
 
         started = time.perf_counter()
@@ -300,8 +309,28 @@ class Studio:
             return time.perf_counter() - started
 
     def release_gpu(self, mode: str = "offload", wake_llm: bool = True) -> dict[str, Any]:
+        """Give the GPU back now, or, while a job generates, as soon as the queue runs empty.
+
+        Released under a running job, the engine offloaded between two of its images, the lease went and
+        the LLM woke, and the job's next image loaded the engine back without the lease (found by a
+        hostile-input sweep). Now the release waits for the queue to run empty."""
         if mode not in ("offload", "unload"):
             raise UserInputError(f"mode must be 'offload' or 'unload', got {shown(mode)}")
+        with self._gpu_lock:
+            running = self._running_job
+            if running is not None:
+                self._deferred_release = (mode, bool(wake_llm))
+                return {
+                    "mode": mode, "deferred": True, "running_job": running,
+                    "message": f"job {running} is generating: the GPU is released ({mode}"
+                               f"{', LLM woken' if wake_llm else ''}) as soon as the queue is empty; "
+                               f"cancel_job('{running}') to release sooner",
+                    "lease": self.lease.status().model_dump(mode="json"),
+                }
+            self._deferred_release = None
+            return self._release_now(mode, bool(wake_llm))
+
+    def _release_now(self, mode: str, wake_llm: bool) -> dict[str, Any]:
         with self._gpu_lock:
             self._cancel_idle_release()
             before = self.lease.status().vram
@@ -342,6 +371,13 @@ class Studio:
     def _arm_idle_release(self) -> None:
         """Called by the job worker when the queue runs empty, before the job's caller gets its result."""
         idle = self.settings.lease.idle_release_s
+        deferred, self._deferred_release = self._deferred_release, None
+        if deferred is not None:  # a release_gpu that came while a job generated
+            try:
+                self._release_now(*deferred)
+            except Exception:
+                log.exception("deferred release failed")
+            return
         if not self.lease.held:
             return
         if idle <= 0:  # "after each job": hand back now, so the result arrives with the LLM awake
@@ -356,7 +392,7 @@ class Studio:
     def _idle_release(self) -> None:
         try:
             log.info("idle for %g s: releasing the GPU", self.settings.lease.idle_release_s)
-            self.release_gpu("offload", wake_llm=True)
+            self._release_now("offload", wake_llm=True)
         except Exception:
             log.exception("idle release failed")
 
@@ -369,7 +405,7 @@ class Studio:
         self._cancel_idle_release()
         self.jobs.stop()
         try:
-            self.release_gpu("unload", wake_llm=True)
+            self._release_now("unload", wake_llm=True)
         except Exception:
             log.exception("release at shutdown failed")
 

@@ -91,3 +91,36 @@ async def test_llm_down_is_a_clear_error_and_nothing_is_held(config_dir, home):
         assert list((home / "outputs").glob("img_*")) == []
     finally:
         studio.close()
+
+
+async def test_release_gpu_during_a_job_waits_for_the_queue_to_run_empty(config_dir, home, vllm):
+    """Released under a running job, the engine offloaded between two images, the LLM woke, and the job's
+    next image loaded the engine back without the lease. Now release_gpu says it is deferred, the LLM
+    sleeps until the job ends, and the GPU goes back (LLM woken) as soon as the queue is empty."""
+    import anyio
+
+    studio = _studio(config_dir, home, vllm.url, idle_release_s=3600)  # no idle release: only ours
+    try:
+        async with Client(build_server(studio)) as client:
+            started = await client.call_tool("generate_character", {
+                "character": "luca", "scene_description": "x", "num_candidates": 3, "run_as_job": True,
+                "width": 64, "height": 64, "steps": 8})
+            job_id = started.structured_content["job_id"]
+            for _ in range(400):  # until it generates
+                if studio.jobs.get(job_id).state == "running" and vllm.sleeping:
+                    break
+                await anyio.sleep(0.02)
+            released = (await client.call_tool("release_gpu", {})).structured_content
+            assert released["deferred"] is True and released["running_job"] == job_id, released
+            assert vllm.sleeping and studio.lease.held  # the job keeps the GPU
+            while studio.jobs.get(job_id).state == "running":
+                assert vllm.sleeping and studio.lease.held
+                await anyio.sleep(0.02)
+            assert studio.jobs.get(job_id).state == "done"
+            for _ in range(200):
+                if not studio.lease.held:
+                    break
+                await anyio.sleep(0.02)
+            assert not studio.lease.held and not vllm.sleeping  # released and woken once the queue ran empty
+    finally:
+        studio.close()
