@@ -74,6 +74,14 @@ def _finite(name: str, value, low: float, high: float) -> float:
     return float(value)
 
 
+def model_ref(value: str | None, model_path) -> str | None:
+    """A local path (relative to the models root) when it exists, else the value as a hub id."""
+    if not value:
+        return None
+    path = model_path(value)
+    return str(path) if path.exists() else value
+
+
 def _num(value: float) -> str:
     """4294967295, not 4.29497e+09: the model copies the bound it is shown."""
     if isinstance(value, int):
@@ -351,6 +359,11 @@ class Planner:
                 if self.profile != "tiny" and kind not in configured:
                     raise UserInputError(f"no ControlNet is configured for {kind} in controlnet_config.yaml; "
                                          f"configured: {', '.join(configured) or 'none'}")
+                if kind == "depth" and preprocess:  # found missing only after queueing and taking the GPU
+                    from mcp_sdxl.engine.preprocess.depth import require_depth_model  # torch-free module
+
+                    require_depth_model(model_ref(self.settings.controlnet.preprocessing.depth.model,
+                                                  self.settings.model_path))
                 default = configured[kind].default_strength if kind in configured else 1.0
                 value = _finite(strength_arg, default if strength is None else strength, 0, 2)
                 chosen.append(ControlChoice(kind, ref or None, preset, value, bool(preprocess)))

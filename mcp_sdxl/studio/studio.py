@@ -16,7 +16,7 @@ from mcp_sdxl.config import Settings
 from mcp_sdxl.errors import CancelledError, NotFoundError, UserInputError, shown
 from mcp_sdxl.store import ImageStore, StoredImage
 from mcp_sdxl.studio.jobs import Job, JobQueue
-from mcp_sdxl.studio.planning import Plan, Planner
+from mcp_sdxl.studio.planning import Plan, Planner, model_ref
 from mcp_sdxl.studio.results import ControlUsed, FaceCheck, GenerationResult, ImageInfo, JobInfo, LoraUsed
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ class Studio:
             canny_low=pre.canny.low_threshold, canny_high=pre.canny.high_threshold,
             detect_hands=pre.openpose.detect_hands, detect_face=pre.openpose.detect_face,
             annotator_dir=str(model_path(pre.openpose.annotator_dir)) if pre.openpose.annotator_dir else None,
-            depth_model=_model_ref(pre.depth.model, model_path), presets_dir=self.settings.poses_dir,
+            depth_model=model_ref(pre.depth.model, model_path), presets_dir=self.settings.poses_dir,
         )
         if choice.pose_preset:
             image, source = None, f"pose preset {choice.pose_preset}"
@@ -454,14 +454,6 @@ class Studio:
             "already_enrolled": len(pictures) - len(paths),  # the same face picture is stored once
             "total_references": len(self.checker.store.stored_paths(character, self.checker.backend_name)),
         }
-
-
-def _model_ref(value: str | None, model_path) -> str | None:
-    """A local path (relative to the models root) when it exists, else the value as a hub id."""
-    if not value:
-        return None
-    path = model_path(value)
-    return str(path) if path.exists() else value
 
 
 def _loras_used(plan: Plan) -> list[LoraUsed]:

@@ -179,12 +179,15 @@ def test_control_inputs_are_validated(planner):
         args = {**dict.fromkeys(names), "preprocess": True}
         return planner.controls(**{**args, **kwargs})
 
-    chosen = controls(pose_preset="waving", depth_image="d.png", depth_strength=2.0)
+    chosen = controls(pose_preset="waving", depth_image="d.png", depth_strength=2.0, preprocess=False)
     assert [(c.kind, c.pose_preset, c.image_ref, c.strength) for c in chosen] == [
         ("openpose", "waving", None, 1.0), ("depth", None, "d.png", 2.0)
     ]
     assert controls(canny_image="c.png")[0].strength == 0.7  # controlnet_config.yaml default
-    for bad in ({"depth_image": "d.png", "depth_strength": 2.5}, {"canny_image": "c.png", "canny_strength": -0.1},
+    # a photo to estimate depth from needs a depth model: said before the call queues or takes the GPU
+    with pytest.raises(UserInputError, match=r"No depth estimation model is available \(preprocessing.depth.model is not set\)"):
+        controls(depth_image="d.png")
+    for bad in ({"depth_image": "d.png", "depth_strength": 2.5, "preprocess": False}, {"canny_image": "c.png", "canny_strength": -0.1},
                 {"pose_image": "p.png", "pose_strength": math.nan}):
         with pytest.raises(UserInputError, match="strength must be"):
             controls(**bad)

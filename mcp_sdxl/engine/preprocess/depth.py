@@ -54,6 +54,14 @@ def _resolve(source: str) -> str:
         raise no_depth_model_error(f"{source!r} is not in the local Hugging Face cache") from exc
 
 
+def require_depth_model(source: str | None) -> str:
+    """The local folder of the configured depth model, or the error a call would end with: checked
+    before a call queues or takes the GPU (loads nothing)."""
+    if not source:
+        raise no_depth_model_error("preprocessing.depth.model is not set")
+    return _resolve(source)
+
+
 def load_depth_model(source: str, device: str = "cpu") -> tuple[object, object]:
     """(image_processor, model) for `source`, loaded offline-only and cached."""
     key = (_resolve(source), device)
