@@ -116,30 +116,42 @@ class ConsistencyChecker:
 
     # -- embeddings ----------------------------------------------------------------------------
     def _analyse(self, image: Image.Image) -> tuple[np.ndarray | None, DetectedFace | None, int]:
+        vector, face, faces = self._analyse_faces(image)
+        return vector, face, len(faces)
+
+    def _analyse_faces(self, image: Image.Image) -> tuple[np.ndarray | None, DetectedFace | None, list]:
+        """The largest face's unit embedding, that face, and every face found."""
         bgr = pil_to_bgr(image)
         backend = self._get_backend()
         with self._lock:
             faces = backend.faces(bgr)
             face = largest(faces)
             if face is None:
-                return None, None, 0
+                return None, None, []
             vector = normalise(backend.embed_face(bgr, face))
-        return vector, face, len(faces)
+        return vector, face, faces
 
     def embed(self, image: Image.Image) -> np.ndarray | None:
         """Unit-length embedding of the largest face, or None when no face is found."""
         return self._analyse(image)[0]
 
     def embed_references(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
-        """Embeddings of reference images; every image must show a face."""
+        """Embeddings of reference images; every image must show one face (or one clearly the largest:
+        a group photo enrolled whichever face was biggest, and that person became the character)."""
         vectors = []
         for i, image in enumerate(images):
-            vector = self.embed(image)
+            vector, face, faces = self._analyse_faces(image)
             if vector is None:
                 raise UserInputError(
                     f"reference image {i} has no detectable face; use a clear, front-facing face "
                     f"at least ~40 px wide ({self.backend_name} detector)"
                 )
+            # other faces at least half the largest one's area: which person is meant is a guess
+            rivals = sum(1 for f in faces if f is not face and f.area >= 0.5 * face.area)
+            if rivals:
+                raise UserInputError(
+                    f"reference image {i} shows {len(faces)} faces, {rivals + 1} of them about as large as the "
+                    "biggest: crop it to the character's face (a reference must show one person)")
             vectors.append(vector)
         return vectors
 

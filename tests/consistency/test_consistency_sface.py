@@ -126,3 +126,16 @@ def test_filtering_real_candidates(sface_checker, astronaut, hanks, gradient, as
     assert sorted(ranking.passed_indices) == [2, 3]
     assert [c.index for c in ranking.candidates][2:] == [0, 1]  # Hanks, then the faceless gradient
     assert ranking.best_index in (2, 3)
+
+
+def test_a_group_photo_is_refused_as_a_reference_and_one_cropped_face_is_taken(sface_checker, group_photo, tmp_path):
+    """Enrolling insightface's t1.jpg (six people of about one size) took whichever face was biggest, and
+    that stranger became the character. A crop to one face enrolls."""
+    import pytest
+
+    from mcp_sdxl.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=r"reference image 0 shows 6 faces, .* crop it to the character's face"):
+        sface_checker.embed_references([group_photo])
+    one = _crop_face(group_photo, T1_FACES[0], margin=0.3)
+    assert len(sface_checker.embed_references([one])) == 1
