@@ -27,6 +27,8 @@ from mcp_sdxl.server import shaping
 
 log = logging.getLogger(__name__)
 
+MAX_PROMPT_ARGUMENT = 2000  # characters in one prompt-template argument
+
 
 def tool_errors(fn):
     """Turn every failure into a ToolError whose text the model can act on."""
@@ -125,6 +127,10 @@ class StudioServer(MCPServer):
             wanted = ", ".join(f"{a.name} ({'required' if a.required else 'optional'})" for a in prompt.arguments or [])
             raise MCPError(INVALID_PARAMS, f"prompt {shown(name)} takes no argument {', '.join(shown(k, 40) for k in unknown[:5])}; "
                                            f"arguments: {wanted or 'none'}")
+        long = [k for k, v in (arguments or {}).items() if isinstance(v, str) and len(v) > MAX_PROMPT_ARGUMENT]
+        if long:  # a 100,000-character argument came back as a 201 kB prompt
+            raise MCPError(INVALID_PARAMS, f"prompt {shown(name)}: {', '.join(shown(k, 40) for k in long[:5])} "
+                                           f"longer than {MAX_PROMPT_ARGUMENT} characters; shorten it")
         given = {k for k, v in (arguments or {}).items() if v not in (None, "")}
         missing = [a.name for a in prompt.arguments or [] if a.required and a.name not in given]
         if missing:

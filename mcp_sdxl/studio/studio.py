@@ -416,6 +416,8 @@ class Studio:
             raise UserInputError("images must list at least one image id or path")
         if len(images) > 32 or len(reference_images or []) > 32:
             raise UserInputError("at most 32 images and 32 reference images per call")
+        if isinstance(character, str) and not character.strip():
+            character = None  # "" is what models send for "no character" (as the generate tools read it)
         preset = self.planner.preset(character) if character is not None else None
         pictures = [self.store.open_image(ref)[0] for ref in images]
         ref_pictures = [self.store.open_image(ref)[0] for ref in reference_images or []]

@@ -175,6 +175,7 @@ async def test_prompt_template(server):
     ("plan_character_scene", {"character": "luca"}, "needs 'scene'; arguments: character (required), scene (required)"),
     ("plan_character_scene", {"character": "luca", "scene": ""}, "needs 'scene'"),
     ("nope", {}, "unknown prompt 'nope'; prompts: plan_character_scene"),
+    ("plan_character_scene", {"character": "x" * 100_000, "scene": "pier"}, "'character' longer than 2000 characters"),
 ])
 async def test_prompt_errors_say_what_would_work(server, name, arguments, expected):
     """The SDK alone answers these with "Internal server error"."""
