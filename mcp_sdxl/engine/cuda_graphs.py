@@ -118,8 +118,8 @@ class GraphRunner:
 
     A signature is the argument structure plus each tensor's shape, dtype and strides (scalars by value).
     Replays copy the arguments into the graph's static inputs and return copies of its outputs. The weights'
-    addresses are checked before every replay (moved weights: graphs dropped); `lora_wrappers.lora_update` makes the runner
-    re-scan the module. With `scale_arg` (ControlNet's conditioning_scale) the graph runs at scale 1.0 and
+    addresses are checked before every replay (moved weights: graphs dropped); `lora_wrappers.lora_update`
+    makes the runner re-scan the module. With `scale_arg` (ControlNet's conditioning_scale) the graph runs at scale 1.0 and
     the outputs are multiplied by the scale, so every strength shares one graph.
     """
 

@@ -113,9 +113,13 @@ async def test_release_gpu_during_a_job_waits_for_the_queue_to_run_empty(config_
             released = (await client.call_tool("release_gpu", {})).structured_content
             assert released["deferred"] is True and released["running_job"] == job_id, released
             assert vllm.sleeping and studio.lease.held  # the job keeps the GPU
-            while studio.jobs.get(job_id).state == "running":
+            job = studio.jobs.get(job_id)
+            while not job.events or job.events[-1].done < job.total_steps:  # still denoising
                 assert vllm.sleeping and studio.lease.held
                 await anyio.sleep(0.02)
+            with anyio.fail_after(30):
+                while job.state == "running":
+                    await anyio.sleep(0.02)
             assert studio.jobs.get(job_id).state == "done"
             for _ in range(200):
                 if not studio.lease.held:
