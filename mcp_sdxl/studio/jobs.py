@@ -46,6 +46,7 @@ class Job:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
     partial: list[Any] = field(default_factory=list)  # finished pieces (e.g. images of a batch)
+    waiting_for: str | None = None  # what a running job waits for before its first step (the GPU lease)
     seq: int = 0  # arrival order
     _start_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -131,7 +131,11 @@ class Studio:
         started = time.perf_counter()
         batch = self.store.begin_batch()  # all-or-nothing, also when this process is killed midway
         try:
-            lease_s = self.acquire_gpu(purpose=f"{plan.kind} ({job.id})")
+            job.waiting_for = "the GPU lease"  # another program may hold it (up to lease.acquire_timeout_s)
+            try:
+                lease_s = self.acquire_gpu(purpose=f"{plan.kind} ({job.id})")
+            finally:
+                job.waiting_for = None
             loras = [
                 LoraSpec(f"{lo.kind}:{lo.name}", self.engine.lora_file(lo.kind, lo.name), lo.weight) for lo in plan.loras
             ]
@@ -285,7 +289,8 @@ class Studio:
             result=job.result if job.state == "done" else None,
             message={
                 "queued": "waiting for the engine; poll get_job",
-                "running": "generating; poll get_job",
+                "running": (f"waiting for {job.waiting_for} (another program holds the GPU); poll get_job"
+                            if job.waiting_for and not summary["progress"] else "generating; poll get_job"),
                 "done": "finished: images are in result",
                 "failed": f"failed: {job.error}",
                 "cancelled": "cancelled; nothing was kept",

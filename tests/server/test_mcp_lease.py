@@ -128,3 +128,37 @@ async def test_release_gpu_during_a_job_waits_for_the_queue_to_run_empty(config_
             assert not studio.lease.held and not vllm.sleeping  # released and woken once the queue ran empty
     finally:
         studio.close()
+
+
+async def test_a_job_waiting_for_a_lease_another_process_holds_says_so(config_dir, home, vllm):
+    """The job showed "generating" with no progress for up to acquire_timeout_s while another program
+    held the GPU lease; a model polling it had nothing to go on."""
+    import anyio
+    from lease_fakes import read_line, spawn
+
+    studio = _studio(config_dir, home, vllm.url)  # acquire_timeout_s: 2
+    holder = spawn(studio.settings.lease, "hold", "30")  # the same runtime folder: the same lease
+    try:
+        assert read_line(holder) == "HELD"
+        async with Client(build_server(studio)) as client:
+            started = await client.call_tool("generate_character", {
+                "character": "luca", "scene_description": "x", "run_as_job": True, **SMALL})
+            job_id = started.structured_content["job_id"]
+            seen = None
+            for _ in range(100):
+                info = (await client.call_tool("get_job", {"job_id": job_id})).structured_content
+                if info["state"] == "running":
+                    seen = info
+                    break
+                await anyio.sleep(0.05)
+            assert seen is not None and "waiting for the GPU lease" in seen["message"], seen
+            with anyio.fail_after(60):
+                while info["state"] in ("queued", "running"):
+                    await anyio.sleep(0.1)
+                    info = (await client.call_tool("get_job", {"job_id": job_id})).structured_content
+            assert info["state"] == "failed" and "GPU is busy: held by" in info["error"], info  # after 2 s
+            assert "acquire_timeout_s" in info["error"]
+    finally:
+        holder.kill()
+        holder.wait(5)
+        studio.close()
