@@ -3,12 +3,22 @@ progress notifications, cancelling a call, the job tools, and what a disconnect 
 
 from __future__ import annotations
 
+import json
 import time
 
 import anyio
 import pytest
 from mcp import Client
-from mcp_procs import assert_store_consistent, cancel_after_progress, configure, poll_job, small, stdio_params, text_of, wire_size
+from mcp_procs import (
+    assert_store_consistent,
+    cancel_after_progress,
+    configure,
+    poll_job,
+    small,
+    stdio_params,
+    text_of,
+    wire_size,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -129,91 +139,81 @@ async def test_jobs_over_stdio_and_disconnect(home, config_dir):
         assert not result.is_error, text_of(result)
 
 
+class RawStdio:
+    """The server as a subprocess spoken to line by line (what a client's framing bugs send), initialized."""
+
+    def __init__(self, home, config_dir):
+        import queue
+        import subprocess
+        import sys
+        import threading
+
+        from mcp_procs import REPO, serve_args, server_env
+
+        self.proc = subprocess.Popen([sys.executable, *serve_args(home, config_dir)], cwd=REPO, env=server_env(home),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [self.lines.put(line) for line in self.proc.stdout], daemon=True).start()
+        self.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}))
+        assert "result" in self.answer(1)
+        self.send(json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+
+    def send(self, text: str) -> None:
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+
+    def next_message(self) -> dict:
+        return json.loads(self.lines.get(timeout=60))  # queue.Empty: no answer (the SDK alone drops such lines)
+
+    def answer(self, request_id: int) -> dict:
+        while True:
+            message = self.next_message()
+            if message.get("id") == request_id:
+                return message
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
 def test_a_lone_surrogate_from_a_client_is_answered(home, config_dir):
     """A JavaScript client that cuts a model's text inside an emoji sends a lone surrogate escape. The
     SDK's parser dropped such a line without an answer (the client waited for its timeout); now the
     call is answered, the surrogate read as U+FFFD."""
-    import json
-    import queue
-    import subprocess
-    import sys
-    import threading
-
-    from mcp_procs import REPO, serve_args, server_env
-
-    proc = subprocess.Popen([sys.executable, *serve_args(home, config_dir)], cwd=REPO, env=server_env(home),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    raw = RawStdio(home, config_dir)
     try:
-        def send(text: str) -> None:
-            proc.stdin.write(text + "\n")
-            proc.stdin.flush()
-
-        def answer(request_id: int) -> dict:
-            while True:
-                message = json.loads(lines.get(timeout=60))  # queue.Empty: no answer (the SDK alone drops it)
-                if message.get("id") == request_id:
-                    return message
-
-        send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}))
-        assert "result" in answer(1)
-        send(json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}))
         # written by hand: json.dumps would not produce a lone surrogate escape from a Python str
-        send('{"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "generate_character", '
-             '"arguments": {"character": "luca\\ud83d", "scene_description": "waving \\ud83d"}}}')
-        reply = answer(2)
+        raw.send('{"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "generate_character", '
+                 '"arguments": {"character": "luca\\ud83d", "scene_description": "waving \\ud83d"}}}')
+        reply = raw.answer(2)
         text = reply["result"]["content"][0]["text"]
         assert reply["result"]["isError"] and "unknown character 'luca\ufffd'" in text and "luca" in text
-        send(json.dumps({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+        raw.send(json.dumps({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
             "name": "list_images", "arguments": {"limit": 1}}}))
-        assert "result" in answer(3)  # still serving
+        assert "result" in raw.answer(3)  # still serving
     finally:
-        proc.stdin.close()
-        proc.wait(timeout=30)
+        raw.close()
 
 
 def test_lines_that_are_not_json_rpc_are_answered_and_the_server_stays_up(home, config_dir):
     """The SDK answered nothing to a line it could not read (the client waited for its timeout), and a line
     nested 1,000 deep raised a RecursionError that ended the server. Each now gets a JSON-RPC error with id
     null (-32700 not JSON, -32600 not a message), as over HTTP, and the next call is served."""
-    import json
-    import queue
-    import subprocess
-    import sys
-    import threading
-
-    from mcp_procs import REPO, serve_args, server_env
-
-    proc = subprocess.Popen([sys.executable, *serve_args(home, config_dir)], cwd=REPO, env=server_env(home),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    raw = RawStdio(home, config_dir)
     try:
-        def send(text: str) -> None:
-            proc.stdin.write(text + "\n")
-            proc.stdin.flush()
-
-        def next_message() -> dict:
-            return json.loads(lines.get(timeout=60))
-
-        send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}))
-        assert "result" in next_message()
-        send(json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}))
         deep = "[" * 1000 + "]" * 1000
         for line, code in (("not json", -32700), ('{"jsonrpc": "2.0", "id": 5, "method": "tools/call", '
                            '"params": {"name": "list_images", "arguments": {"limit": ' + deep + '}}}', None),
                            ('{"hello": 1}', -32600)):
-            send(line)
-            reply = next_message()
+            raw.send(line)
+            reply = raw.next_message()
             assert reply["id"] is None and "error" in reply, reply
             if code is not None:
                 assert reply["error"]["code"] == code
-        send(json.dumps({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+        raw.send(json.dumps({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
             "name": "list_images", "arguments": {"limit": 1}}}))
-        assert next_message().get("id") == 3 and proc.poll() is None  # still serving
+        assert raw.next_message().get("id") == 3 and raw.proc.poll() is None  # still serving
     finally:
-        proc.stdin.close()
-        proc.wait(timeout=30)
+        raw.close()
