@@ -41,7 +41,9 @@ class Studio:
         self.jobs = JobQueue(server.queue_limit, server.job_ttl_s, on_idle=self._arm_idle_release)
         self._idle_timer: threading.Timer | None = None
         self._gpu_lock = threading.RLock()
-        self._running_job: str | None = None  # the job generating now (the worker runs one at a time)
+        # the job generating now (the worker runs one at a time); unlike the queue's own running marker it
+        # is clear by the time the worker's idle hook runs, which carries out a deferred release_gpu
+        self._running_job: str | None = None
         self._deferred_release: tuple[str, bool] | None = None  # release_gpu's (mode, wake_llm) while one ran
         self.recovery = self.lease.recover()  # wake an LLM that a crashed holder left asleep
 
@@ -131,11 +133,7 @@ class Studio:
         started = time.perf_counter()
         batch = self.store.begin_batch()  # all-or-nothing, also when this process is killed midway
         try:
-            job.waiting_for = "the GPU lease"  # another program may hold it (up to lease.acquire_timeout_s)
-            try:
-                lease_s = self.acquire_gpu(purpose=f"{plan.kind} ({job.id})")
-            finally:
-                job.waiting_for = None
+            lease_s = self.acquire_gpu(purpose=f"{plan.kind} ({job.id})", job=job)
             loras = [
                 LoraSpec(f"{lo.kind}:{lo.name}", self.engine.lora_file(lo.kind, lo.name), lo.weight) for lo in plan.loras
             ]
@@ -289,7 +287,7 @@ class Studio:
             result=job.result if job.state == "done" else None,
             message={
                 "queued": "waiting for the engine; poll get_job",
-                "running": (f"waiting for {job.waiting_for} (another program holds the GPU); poll get_job"
+                "running": (f"waiting for {job.waiting_for}; poll get_job"
                             if job.waiting_for and not summary["progress"] else "generating; poll get_job"),
                 "done": "finished: images are in result",
                 "failed": f"failed: {job.error}",
@@ -298,19 +296,28 @@ class Studio:
         )
 
     # ------------------------------------------------------------------ GPU lease
-    def acquire_gpu(self, purpose: str) -> float:
-        """Hold the lease and have the engine on its device. Returns seconds spent."""
+    def acquire_gpu(self, purpose: str, job: Job | None = None) -> float:
+        """Hold the lease and have the engine on its device. Returns seconds spent. `job.waiting_for` says
+        which of the two it waits for (get_job shows it: another program may hold the lease for minutes)."""
         with self._gpu_lock:
             self._cancel_idle_release()
             started = time.perf_counter()
             need = None if self.engine.device.type == "cuda" else 0.0
-            self.lease.acquire(purpose, need_gb=need)
             try:
-                self.engine.load()
-            except BaseException:
-                self._release_engine("unload")
-                self.lease.release(wake_llm=True)
-                raise
+                if job is not None:
+                    job.waiting_for = "the GPU lease (another program may hold the GPU)"
+                self.lease.acquire(purpose, need_gb=need)
+                if job is not None:
+                    job.waiting_for = "the engine to load" if self.engine.state != "ready" else None
+                try:
+                    self.engine.load()
+                except BaseException:
+                    self._release_engine("unload")
+                    self.lease.release(wake_llm=True)
+                    raise
+            finally:
+                if job is not None:
+                    job.waiting_for = None
             return time.perf_counter() - started
 
     def release_gpu(self, mode: str = "offload", wake_llm: bool = True) -> dict[str, Any]:
