@@ -202,14 +202,7 @@ def reserved_breakdown(segments: list, main_stream: int) -> dict:
     freed there are not reused by the serving stream). GiB reserved and allocated in each."""
     out: dict = {}
     for seg in segments:
-        pool = tuple(seg.get("segment_pool_id") or (0, 0))
-        if pool != (0, 0):
-            where = "graph_pools"
-        elif seg.get("stream", 0) == main_stream:
-            where = "serving_stream"
-        else:
-            where = "other_streams"
-        row = out.setdefault(where, {"reserved_gib": 0.0, "allocated_gib": 0.0, "segments": 0})
+        row = out.setdefault(_place(seg, main_stream), {"reserved_gib": 0.0, "allocated_gib": 0.0, "segments": 0})
         row["reserved_gib"] += seg.get("total_size", 0) / 2**30
         row["allocated_gib"] += seg.get("allocated_size", 0) / 2**30
         row["segments"] += 1
@@ -219,13 +212,19 @@ def reserved_breakdown(segments: list, main_stream: int) -> dict:
     return out
 
 
+def _place(segment: dict, main_stream: int) -> str:
+    """Where a snapshot segment's memory sits: a CUDA graph pool, the serving stream, another stream."""
+    if tuple(segment.get("segment_pool_id") or (0, 0)) != (0, 0):
+        return "graph_pools"
+    return "serving_stream" if segment.get("stream", 0) == main_stream else "other_streams"
+
+
 def live_blocks(segments: list, main_stream: int, top: int = 16) -> list:
     """The biggest groups of live blocks by where they sit and the Python frames that allocated them
     (torch.cuda.memory._record_memory_history must have run): 'GiB count where | frames'."""
     groups: dict = {}
     for seg in segments:
-        pool = tuple(seg.get("segment_pool_id") or (0, 0))
-        where = "graph_pool" if pool != (0, 0) else "serving" if seg.get("stream", 0) == main_stream else "other_stream"
+        where = _place(seg, main_stream)
         for block in seg.get("blocks", []):
             if block.get("state") != "active_allocated":
                 continue

@@ -92,7 +92,7 @@ def test_reserved_memory_is_summed_by_where_it_sits():
 
 def test_live_blocks_groups_live_memory_by_place_and_allocating_frames():
     """--memory-blocks: the snapshot's live blocks summed by where they sit (serving stream, another
-    stream, a graph pool) and the first frames outside torch that allocated them, biggest first."""
+    stream, a graph pool; the names reserved_by uses) and the first frames outside torch that allocated them, biggest first."""
     from mcp_sdxl.bench.plan import live_blocks
 
     frame = lambda name, line: {"filename": f"/x/{name}.py", "line": line, "name": "f"}  # noqa: E731
@@ -108,7 +108,7 @@ def test_live_blocks_groups_live_memory_by_place_and_allocating_frames():
             {"state": "active_allocated", "size": 2**29, "frames": [frame("decode", 3)]}]},
     ]
     rows = live_blocks(segments, main_stream=7)
-    assert rows[0] == "2.000 GiB x2 serving | engine.py:10 f"
-    assert rows[1] == "0.500 GiB x1 graph_pool | decode.py:3 f"
-    assert rows[2].startswith("0.031 GiB x1 other_stream | functional.py:1 linear")
+    assert rows[0] == "2.000 GiB x2 serving_stream | engine.py:10 f"
+    assert rows[1] == "0.500 GiB x1 graph_pools | decode.py:3 f"
+    assert rows[2].startswith("0.031 GiB x1 other_streams | functional.py:1 linear")
     assert len(rows) == 3  # freed blocks are not live
