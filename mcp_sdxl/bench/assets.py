@@ -246,4 +246,14 @@ def control_images(width: int, height: int) -> dict:
     for _ in range(6):
         x, y, r = rng.integers(0, width), rng.integers(0, height), rng.integers(width // 16, width // 4)
         draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple([int(rng.integers(120, 255))] * 3))
-    return {"canny": edges, "depth": depth.filter(ImageFilter.GaussianBlur(2))}
+    # an image to edit and upscale: colour gradients with shapes; the mask: its middle half
+    grid_x, grid_y = np.meshgrid(np.linspace(0, 1, width), np.linspace(0, 1, height))
+    colours = np.stack([grid_x, grid_y, 1 - grid_x * grid_y], axis=-1) * 200 + 30
+    source = Image.fromarray(colours.astype(np.uint8))
+    draw = ImageDraw.Draw(source)
+    for _ in range(8):
+        x, y, r = rng.integers(0, width), rng.integers(0, height), rng.integers(width // 16, width // 5)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    mask = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(mask).rectangle([width // 4, height // 4, 3 * width // 4, 3 * height // 4], fill=255)
+    return {"canny": edges, "depth": depth.filter(ImageFilter.GaussianBlur(2)), "source": source, "mask": mask}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mcp_sdxl.bench.assets import Assets
 from mcp_sdxl.bench.plan import (
+    EDIT_SCENARIOS,
     NEGATIVE,
     PROCESS_T0,
     PROMPT,
@@ -57,12 +58,14 @@ def engine_request(plan: Plan, assets: Assets, inputs: dict):
     from mcp_sdxl.engine import ControlInput, GenerationRequest, LoraSpec
 
     start, end = inputs.get("window", (0.0, 1.0))
+    factor = inputs.get("factor", 1)  # an upscale's request is at the output size, its source at the plan's
     return GenerationRequest(
-        prompt=PROMPT, negative_prompt=NEGATIVE, width=plan.width, height=plan.height, steps=plan.steps,
-        cfg_scale=plan.cfg, seed=SEED, scheduler="DPMSolverMultistepScheduler",
+        prompt=PROMPT, negative_prompt=NEGATIVE, width=plan.width * factor, height=plan.height * factor,
+        steps=plan.steps, cfg_scale=plan.cfg, seed=SEED, scheduler="DPMSolverMultistepScheduler",
         loras=[LoraSpec(f"bench:{a}", assets.loras[a], w) for a, w in inputs["loras"]],
         controls=[ControlInput(kind=k, image=img, strength=s) for k, img, s in inputs["controls"]],
-        control_start=start, control_end=end,
+        control_start=start, control_end=end, init_image=inputs.get("source"), mask=inputs.get("mask"),
+        strength=inputs.get("strength", 1.0),
     )
 
 
@@ -90,6 +93,7 @@ def run_engine_variant(settings, plan: Plan, assets: Assets, maps: dict, vram: V
             todo.append("cn1_window")
         if main and "base" in scenarios and not plan.quick:
             todo.append("base_callback")
+        todo += [s for s in EDIT_SCENARIOS if s in scenarios]
         for scenario in todo:
             if plan.left() < 40:
                 out.setdefault("scenarios", {})[scenario] = {"skipped": "time budget"}
@@ -105,8 +109,12 @@ def run_engine_variant(settings, plan: Plan, assets: Assets, maps: dict, vram: V
                 inputs = scenario_inputs("base" if scenario == "base_callback" else scenario, assets, maps)
                 request = engine_request(plan, assets, inputs)
 
-                def once(request=request, callback=callback):
-                    output = engine.generate(request, on_step=callback)
+                def once(request=request, callback=callback, scenario=scenario):
+                    if scenario == "upscale2x":
+                        tile = v_settings.sdxl.editing if engine.profile == "sdxl" else v_settings.sdxl.tiny
+                        output = engine.upscale(request, tile.upscale_tile, tile.upscale_overlap)
+                    else:
+                        output = engine.generate(request, on_step=callback)
                     return output.image, output.timings
 
                 result = measure(plan, vram, once, settle=lambda: accel.wait_for_compiles(

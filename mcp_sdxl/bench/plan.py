@@ -62,7 +62,8 @@ VARIANTS: dict[str, dict | None] = {
     "qkv": dict(fuse_qkv=True),
     "cudnn-bench": dict(cudnn_benchmark=True),
 }
-SCENARIOS = ("base", "loras3", "cn1", "cn2")
+SCENARIOS = ("base", "loras3", "cn1", "cn2", "edit", "inpaint", "upscale2x")
+EDIT_SCENARIOS = ("edit", "inpaint", "upscale2x")  # edit_image, edit_image with a mask, upscale_image
 DEFAULT_VARIANTS_CUDA = "default:all,compile-regional:base+cn1,no-compile:base+loras3,eager:base+loras3"
 
 
@@ -275,6 +276,12 @@ def scenario_inputs(name: str, assets: Assets, maps: dict) -> dict:
         return {"loras": [], "controls": [("canny", maps["canny"], 1.0), ("depth", maps["depth"], 0.7)]}
     if name == "cn1_window":
         return {"loras": [], "controls": [("canny", maps["canny"], 1.0)], "window": (0.0, 0.5)}
+    if name == "edit":  # edit_image's default strength
+        return {"loras": [], "controls": [], "source": maps["source"], "strength": 0.6}
+    if name == "inpaint":  # the middle half repainted whole
+        return {"loras": [], "controls": [], "source": maps["source"], "strength": 1.0, "mask": maps["mask"]}
+    if name == "upscale2x":  # upscale_image's defaults: 2x, strength 0.3, 1024-pixel tiles
+        return {"loras": [], "controls": [], "source": maps["source"], "strength": 0.3, "factor": 2}
     raise ValueError(name)
 
 

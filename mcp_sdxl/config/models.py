@@ -93,11 +93,24 @@ class Safety(Strict):
     nsfw_threshold: float = 0.0
 
 
+class Editing(Strict):
+    # edit_image, upscale_image (tiled img2img) and inpainting.
+    default_strength: float = Field(0.6, ge=0.0, le=1.0)  # edit_image without a strength
+    upscale_strength: float = Field(0.3, ge=0.0, le=1.0)  # low: adds detail, keeps the picture
+    upscale_tile: int = Field(1024, ge=64, le=2048)  # img2img tile side: a tile's memory is one such image
+    upscale_overlap: int = Field(128, ge=0, le=1024)  # pixels neighbouring tiles share and blend over
+    max_upscale_factor: int = Field(4, ge=2, le=8)
+    max_upscale_pixels: int = Field(4096 * 4096, ge=64 * 64)  # the upscaled image's size limit
+    mask_feather_px: int = Field(4, ge=0, le=64)  # the inpaint mask's edge blends inside the mask
+
+
 class TinyProfile(Strict):
     # The built-in tiny SDXL-architecture engine: used when no SDXL weights are found, or when
     # profile: tiny. Sizes are small so every feature runs on a CPU in seconds.
     default_size: tuple[int, int] = (128, 128)
     steps_scale: float = Field(0.25, gt=0, le=1.0)  # quality preset steps are scaled down by this
+    upscale_tile: int = Field(128, ge=64, le=2048)  # editing.upscale_tile on the tiny engine
+    upscale_overlap: int = Field(32, ge=0, le=1024)
 
 
 class Server(Strict):
@@ -160,6 +173,7 @@ class SDXLConfig(Strict):
     attention: Attention = Field(default_factory=Attention)
     generation: Generation = Field(default_factory=Generation)
     safety: Safety = Field(default_factory=Safety)
+    editing: Editing = Field(default_factory=Editing)
     tiny: TinyProfile = Field(default_factory=TinyProfile)
     performance: Performance = Field(default_factory=Performance)
     server: Server = Field(default_factory=Server)

@@ -352,7 +352,12 @@ def _empty_cuda_cache() -> None:
 
 
 def control_pipeline(cls, base, controlnet):
-    """A ControlNet pipeline sharing `base`'s components, with their dtypes untouched.
+    """A ControlNet pipeline sharing `base`'s components (see pipeline_like)."""
+    return pipeline_like(cls, base, controlnet=controlnet)
+
+
+def pipeline_like(cls, base, **extra):
+    """A pipeline of class `cls` sharing `base`'s components (and its levers), with their dtypes untouched.
 
     diffusers' `from_pipe` ends with `.to(dtype)`, float32 when no dtype is given: it silently turned the
     shared UNet, text encoders and VAE (so the base pipeline too) into float32 (measured on an H100: every
@@ -361,12 +366,12 @@ def control_pipeline(cls, base, controlnet):
     import inspect
 
     accepted = inspect.signature(cls.__init__).parameters
-    parts = {k: v for k, v in base.components.items() if k in accepted and k != "controlnet"}
+    parts = {k: v for k, v in base.components.items() if k in accepted and k not in extra}
     if "force_zeros_for_empty_prompt" in accepted:
         parts["force_zeros_for_empty_prompt"] = base.config.get("force_zeros_for_empty_prompt", True)
     if "add_watermarker" in accepted:
         parts["add_watermarker"] = getattr(base, "watermark", None) is not None
-    pipe = cls(**parts, controlnet=controlnet)
+    pipe = cls(**parts, **extra)
     if hasattr(base, STATE_ATTR):
         setattr(pipe, STATE_ATTR, getattr(base, STATE_ATTR))
     return pipe
@@ -385,8 +390,15 @@ def set_vae_dtype(vae, dtype: torch.dtype) -> None:
     def decode(z, *args, **kwargs):
         return original(z.to(vae.dtype), *args, **kwargs)
 
+    encode_original = vae.encode
+
+    @functools.wraps(encode_original)
+    def encode(x, *args, **kwargs):  # img2img / inpaint hand the image over in the UNet's dtype
+        return encode_original(x.to(vae.dtype), *args, **kwargs)
+
     decode._mcp_cast = True
     vae.decode = decode
+    vae.encode = encode
 
 
 def _torch_default_cache_dir() -> str:

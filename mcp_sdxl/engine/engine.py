@@ -7,6 +7,7 @@ Callers (mcp_sdxl.studio) decide when it may hold the GPU and where images go.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import gc
 import logging
@@ -21,9 +22,8 @@ import torch
 from PIL import Image
 
 from mcp_sdxl.config import Settings
-from mcp_sdxl.engine import accel
+from mcp_sdxl.engine import accel, edit, lora_wrappers
 from mcp_sdxl.engine import controlnet as cn
-from mcp_sdxl.engine import lora_wrappers
 from mcp_sdxl.engine.loading import WeightSource, inference_only, load_sdxl_pipeline, own_memory, resolve_source
 from mcp_sdxl.engine.lora import LoraManager, LoraSpec
 from mcp_sdxl.engine.residency import HostCopy, drop_storage
@@ -75,6 +75,14 @@ class GenerationRequest:
     controls: list[ControlInput] = field(default_factory=list)
     control_start: float = 0.0
     control_end: float = 1.0
+    init_image: Image.Image | None = None  # img2img / inpaint: the source, at width x height
+    mask: Image.Image | None = None  # inpaint: white is repainted, black kept (the source's own pixels)
+    strength: float = 1.0  # with init_image: how far into the noise the source goes (0: returned unchanged)
+    mask_feather_px: int = 4  # the mask's edge blends over this many pixels, inside the mask
+
+    @property
+    def denoise_steps(self) -> int:
+        return self.steps if self.init_image is None else edit.denoise_steps(self.steps, self.strength)
 
 
 @dataclass
@@ -268,6 +276,9 @@ class Engine:
         with self._lock:
             if cancel is not None and cancel.is_set():
                 raise CancelledError("cancelled before start")
+            if request.init_image is not None and request.strength == 0:
+                # diffusers would run no step and fail; "change nothing" is the source itself
+                return GenerationOutput(request.init_image.copy(), {"load_s": 0.0, "denoise_s": 0.0})
             timings: dict[str, float] = {"load_s": self.load()}
             pipe = self.pipe
             started = time.perf_counter()
@@ -282,11 +293,12 @@ class Engine:
             timings["encode_s"] = time.perf_counter() - started
 
             step_times: list[float] = []
+            total_steps = request.denoise_steps
 
             def on_step_end(p, step, timestep, callback_kwargs):
                 step_times.append(time.perf_counter())
                 if on_step is not None:
-                    on_step(step + 1, request.steps)
+                    on_step(step + 1, total_steps)
                 if cancel is not None and cancel.is_set():
                     p._interrupt = True
                 return callback_kwargs
@@ -299,8 +311,10 @@ class Engine:
                 step_times.clear()
                 generator = torch.Generator("cpu").manual_seed(request.seed)  # a retry makes the same image
                 try:
-                    run_pipe, extra = pipe, {}
-                    if request.controls:  # a ControlNet's first use loads it: not denoising time
+                    run_pipe, extra = pipe, {"width": request.width, "height": request.height}
+                    if request.init_image is not None:  # img2img takes its size from the image
+                        run_pipe, extra = edit.prepare(self, request)
+                    elif request.controls:  # a ControlNet's first use loads it: not denoising time
                         prepared = time.perf_counter()
                         run_pipe, extra = cn.prepare(self, request)
                         timings["control_s"] = time.perf_counter() - prepared
@@ -309,8 +323,6 @@ class Engine:
                         result = run_pipe(
                             **embeds,
                             **extra,
-                            width=request.width,
-                            height=request.height,
                             num_inference_steps=request.steps,
                             guidance_scale=request.cfg_scale,
                             generator=generator,
@@ -338,7 +350,40 @@ class Engine:
             timings["decode_s"] = finished - (step_times[-1] if step_times else finished)
             if attempt == 0:  # a rerun after an out-of-memory error says nothing about a step's time
                 self._learn_step_cost(timings["denoise_s"], request)
-            return GenerationOutput(result.images[0], {k: round(v, 4) for k, v in timings.items()})
+            image = result.images[0]
+            if request.mask is not None:
+                image = edit.keep_outside_mask(request.init_image, image, request.mask, request.mask_feather_px)
+            return GenerationOutput(image, {k: round(v, 4) for k, v in timings.items()})
+
+    def upscale(self, request: GenerationRequest, tile: int, overlap: int, on_step: StepCallback | None = None,
+                cancel: threading.Event | None = None) -> GenerationOutput:
+        """`request.init_image` resized to width x height (Lanczos), then repainted tile by tile by img2img at
+        `request.strength` (each tile a seed of its own); neighbours blend over `overlap` pixels. A tile's
+        memory is that of one `tile`-sized image, whatever the output size."""
+        size = (request.width, request.height)
+        grid = edit.tile_grid(*size, tile, overlap, self.size_multiple)
+        canvas = edit.pad_to(request.init_image.convert("RGB").resize(size, Image.Resampling.LANCZOS), grid.canvas)
+        blender = edit.TileBlender(grid)
+        timings: dict[str, float] = {}
+        per_tile = edit.denoise_steps(request.steps, request.strength)
+        for index, box in enumerate(grid.boxes()):
+            def tile_step(done: int, total: int, index=index) -> None:
+                if on_step is not None:
+                    on_step(index * per_tile + min(done, per_tile), grid.count * per_tile)
+
+            part = dataclasses.replace(request, init_image=canvas.crop(box), width=box[2] - box[0],
+                                       height=box[3] - box[1], seed=request.seed + index, mask=None)
+            output = self.generate(part, on_step=tile_step, cancel=cancel)
+            blender.add(box, output.image)
+            for key, value in output.timings.items():
+                timings[key] = round(timings.get(key, 0.0) + value, 4)
+        timings["tiles"] = grid.count
+        return GenerationOutput(blender.image(size), timings)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's 8, the tiny UNet's 32 (it downsamples 32x)."""
+        return 32 if self.profile == "tiny" else 8
 
     def _encode(self, prompt: str, negative_prompt: str) -> dict:
         """Both SDXL text encoders through compel: weighting syntax and prompts over 77 tokens work."""
@@ -391,7 +436,7 @@ class Engine:
 
     def _learn_step_cost(self, denoise_s: float, request: GenerationRequest) -> None:
         pixels = request.width * request.height
-        observed = denoise_s / max(1, request.steps) / (1 + 0.8 * len(request.controls))
+        observed = denoise_s / max(1, request.denoise_steps) / (1 + 0.8 * len(request.controls))
         before = self._observed.get(pixels)
         if before is None:
             before = self._step_seconds(pixels)  # the first run of a size moves halfway from the estimate

@@ -15,11 +15,32 @@ import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, ToolAnnotations
-from pydantic import BeforeValidator, Field
+from pydantic import Field
 
 from mcp_sdxl import __version__
 from mcp_sdxl.errors import UserInputError, shown
 from mcp_sdxl.server import shaping
+from mcp_sdxl.server.edit_tools import add_edit_tools
+from mcp_sdxl.server.params import (
+    AsJob,
+    Background,
+    Candidates,
+    Cfg,
+    Character,
+    Filter,
+    ImageRef,
+    Negative,
+    NotBool,
+    OptCharacter,
+    Quality,
+    Scene,
+    Seed,
+    Size,
+    Steps,
+    Strength,
+    Style,
+    Weight,
+)
 from mcp_sdxl.server.protocol import StudioServer, resource_errors, tool_errors
 from mcp_sdxl.studio.planning import Problems
 from mcp_sdxl.studio.results import GenerationResult, JobInfo
@@ -34,34 +55,6 @@ Start with list_characters (characters, backgrounds, styles, pose presets). Use 
 character in a scene, generate_with_control to fix pose/depth/edges from an image or a pose preset, and
 score_consistency to check a face matches the character. Images are referred to by id (img_...).
 Long calls return a job_id: poll get_job. Call release_gpu when done so the local LLM gets the GPU back."""
-
-# ---------------------------------------------------------------- shared parameter types
-def _number_not_bool(value):
-    """pydantic takes true/false for 1/0 in a number field: `steps: true` would run 1 step."""
-    if isinstance(value, bool):
-        raise ValueError("must be a number, not true/false")
-    return value
-
-
-NotBool = BeforeValidator(_number_not_bool)
-Character = Annotated[str, Field(description="character name from list_characters, e.g. 'luca'")]
-OptCharacter = Annotated[str | None, Field(description="character name from list_characters; adds its LoRA, trigger words and preset prompt")]
-Scene = Annotated[str, Field(description="what the character does and where, e.g. 'running on the beach, excited'. compel weighting works: (word)1.3, word++")]
-Background = Annotated[str | None, Field(description="background LoRA name from list_characters, e.g. 'portorosso'")]
-Style = Annotated[str | None, Field(description="style LoRA name; default: the character's default style; 'none' for no style LoRA")]
-Quality = Annotated[str | None, Field(description="quality preset: draft (fast), standard, high; default standard")]
-Seed = Annotated[int | None, NotBool, Field(description="seed for reproducible images (0-4294967295); candidates use seed, seed+1, ...; omitted or -1: random")]
-Size = Annotated[int | None, NotBool, Field(description="pixels, multiple of 8; default from the preset (1024 for SDXL)")]
-Steps = Annotated[int | None, NotBool, Field(description="denoising steps; overrides the quality preset")]
-Cfg = Annotated[float | None, NotBool, Field(description="classifier-free guidance scale 0-30; overrides the quality preset")]
-Negative = Annotated[str | None, Field(description="extra negative prompt, added to the character's")]
-Weight = Annotated[float | None, NotBool, Field(description="LoRA weight 0.0-1.0; default from the preset/registry; 0 disables")]
-Candidates = Annotated[int, NotBool, Field(description="how many images to generate (seed, seed+1, ...); 1-8")]
-Filter = Annotated[bool, Field(description="score candidates against the character's reference faces and order best first")]
-AsJob = Annotated[bool, Field(description="return a job_id at once instead of waiting (poll get_job)")]
-ImageRef = Annotated[str | None, Field(description="image id (img_...) or a file path under the input folders")]
-Strength = Annotated[float | None, NotBool, Field(description="ControlNet strength 0.0-2.0; default from controlnet_config.yaml")]
-
 
 def build_server(studio) -> MCPServer:
     """An MCPServer whose tools call `studio` (a mcp_sdxl.studio.Studio)."""
@@ -319,6 +312,7 @@ def build_server(studio) -> MCPServer:
     def gpu_resource() -> str:
         return json.dumps(studio.gpu_status(), indent=1, default=str)
 
+    add_edit_tools(server, studio, run_generation)
     _register_prompts(server)
     _flatten_schemas(server)
     return server

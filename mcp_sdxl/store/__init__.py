@@ -191,6 +191,11 @@ class ImageStore:
         )
 
     # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def is_id(ref) -> bool:
+        """Whether `ref` names a stored image (an id or its sdxl:// URI) rather than a file path."""
+        return isinstance(ref, str) and ID_RE.fullmatch(ref.strip().removeprefix("sdxl://images/")) is not None
+
     def _check_id(self, image_id: str) -> None:
         if not isinstance(image_id, str) or not ID_RE.fullmatch(image_id):
             raise UserInputError(f"{shown(image_id)} is not an image id (ids look like img_20261125-101500_1a2b3c4d)")
@@ -290,6 +295,8 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
         "Seed": meta.get("seed"),
         "Size": f"{meta.get('width')}x{meta.get('height')}" if meta.get("width") else None,
         "Model": meta.get("model"),
+        "Denoising strength": meta.get("strength"),  # img2img / inpaint / upscale, as A1111 writes it
+        "Hires upscale": meta.get("upscale_factor"),
     }
     loras = meta.get("loras") or []
     if loras:

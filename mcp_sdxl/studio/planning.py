@@ -39,8 +39,22 @@ class ControlChoice:
 
 
 @dataclass
+class EditChoice:
+    """The image a call starts from (edit_image, upscale_image), checked and measured at planning."""
+
+    source_ref: str  # a store id, or the resolved path of an input file
+    source_size: tuple[int, int]
+    strength: float  # 0: the source unchanged; 1: repainted whole
+    mask_ref: str | None = None  # inpainting: white is repainted, black kept
+    upscale_factor: int = 1
+    tile: tuple[int, int] | None = None  # upscaling: the img2img tile's size
+    overlap: int = 0
+    tiles: int = 1
+
+
+@dataclass
 class Plan:
-    kind: str  # character | control
+    kind: str  # character | control | edit | upscale
     character: str | None
     prompt: str
     negative_prompt: str
@@ -58,10 +72,34 @@ class Plan:
     control_start: float = 0.0
     control_end: float = 1.0
     notes: list[str] = field(default_factory=list)  # parts of the request that had no effect, said plainly
+    scene: str = ""  # the caller's own words; prompt = preset prompt + scene + trigger words
+    extra_negative: str | None = None  # the caller's negative prompt, before the preset's is merged in
+    background: str | None = None
+    style: str | None = None  # "none": no style LoRA (not even the character's default)
+    edit: EditChoice | None = None
+    denoise_steps: int = 0  # steps each image (each tile) runs: `steps` scaled by the edit's strength
+    regenerated_from: str | None = None
 
     @property
     def total_steps(self) -> int:
-        return self.steps * len(self.seeds)
+        return self.denoise_steps * len(self.seeds) * (self.edit.tiles if self.edit else 1)
+
+    def request_record(self, seed: int) -> dict:
+        """What regenerate needs to make this plan's image of `seed` again (kept in its metadata)."""
+        weights = {f"{lo.kind}_weight": lo.weight for lo in self.loras}
+        record = {
+            "kind": self.kind, "character": self.character, "scene_description": self.scene,
+            "negative_prompt": self.extra_negative, "background": self.background, "style": self.style,
+            "character_weight": weights.get("character_weight"),
+            "background_weight": weights.get("background_weight"), "style_weight": weights.get("style_weight"),
+            "quality": self.quality, "steps": self.steps, "cfg_scale": self.cfg_scale, "scheduler": self.scheduler,
+            "width": self.width, "height": self.height, "seed": seed,
+            "control_start": self.control_start, "control_end": self.control_end,
+        }
+        if self.edit is not None:
+            record.update(source=self.edit.source_ref, mask=self.edit.mask_ref, strength=self.edit.strength,
+                          upscale_factor=self.edit.upscale_factor)
+        return record
 
 
 def _finite(name: str, value, low: float, high: float) -> float:
@@ -172,6 +210,7 @@ class Planner:
         controls: list[ControlChoice] | None = None,
         control_start: float = 0.0,
         control_end: float = 1.0,
+        edit: EditChoice | None = None,
         problems: Problems | None = None,
     ) -> Plan:
         gen = self.settings.sdxl.generation
@@ -226,8 +265,17 @@ class Planner:
 
         size = (0, 0)
         with problems.check():
-            size = self._size(preset, width, height)
+            size = self._upscale_size(edit) if kind == "upscale" else self._size(preset, width, height)
         width, height = size
+        denoise = base_steps
+        if edit is not None:
+            with problems.check():
+                edit.strength = _finite("strength", edit.strength, 0.0, 1.0)
+                denoise = min(int(base_steps * edit.strength), base_steps)
+                if edit.strength > 0 and denoise < 1:
+                    raise UserInputError(
+                        f"strength {edit.strength:g} with {base_steps} steps runs no denoising step (img2img runs "
+                        f"steps x strength); use strength >= {1 / base_steps:.3f}, more steps, or 0 to keep the source")
         count = 1
         with problems.check():
             count = int(_finite("num_candidates", num_candidates, 1, limits.max_candidates))
@@ -256,7 +304,9 @@ class Planner:
             quality=quality, steps=base_steps, cfg_scale=cfg, scheduler=scheduler, width=width, height=height,
             seeds=[seed + i for i in range(count)], filter_consistency=bool(filter_consistency),
             threshold=threshold, controls=controls or [], control_start=control_start, control_end=control_end,
-            notes=notes,
+            notes=notes, scene=scene_description, extra_negative=negative_prompt or None,
+            background=next((lo.name for lo in loras if lo.kind == "background"), None),
+            style=next((lo.name for lo in loras if lo.kind == "style"), "none"), edit=edit, denoise_steps=denoise,
         )
 
     def _loras(self, preset, background, style, character_weight, background_weight, style_weight, notes,
@@ -319,6 +369,36 @@ class Planner:
         if width * height > limits.max_pixels:
             raise UserInputError(f"{width}x{height} exceeds the pixel limit {limits.max_pixels}; use a smaller size")
         return int(width), int(height)
+
+    def _upscale_size(self, edit: EditChoice) -> tuple[int, int]:
+        editing = self.settings.sdxl.editing
+        factor = edit.upscale_factor
+        if isinstance(factor, bool) or not isinstance(factor, int) or not 2 <= factor <= editing.max_upscale_factor:
+            raise UserInputError(f"factor must be a whole number from 2 to {editing.max_upscale_factor}, got {shown(factor)}")
+        width, height = (side * factor for side in edit.source_size)
+        if width * height > editing.max_upscale_pixels:
+            largest = math.isqrt(editing.max_upscale_pixels // (edit.source_size[0] * edit.source_size[1]))
+            hint = f"use factor {largest}" if largest >= 2 else "upscale a smaller image"
+            raise UserInputError(f"{edit.source_size[0]}x{edit.source_size[1]} x{factor} is {width}x{height}, over the "
+                                 f"limit of {editing.max_upscale_pixels} pixels (editing.max_upscale_pixels); {hint}")
+        return width, height
+
+    def fit_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The size nearest `size` (same aspect) that a generation call takes: within the limits, sides a
+        multiple of 8 (the tiny engine's 32)."""
+        limits = self.settings.sdxl.generation.limits
+        low, multiple = (64, 32) if self.profile == "tiny" else (limits.min_size, 8)
+        width, height = size
+        scale = min(1.0, math.sqrt(limits.max_pixels / (width * height)), limits.max_size / max(width, height))
+        scale = max(scale, low / min(width, height))
+
+        def side(value: float) -> int:
+            return int(min(limits.max_size, max(low, round(value / multiple) * multiple)))
+
+        fitted = side(width * scale), side(height * scale)
+        while fitted[0] * fitted[1] > limits.max_pixels:  # rounding up may cross the pixel limit
+            fitted = side(fitted[0] - multiple), side(fitted[1] - multiple)
+        return fitted
 
     # ------------------------------------------------------------------ controls
     def controls(

@@ -66,6 +66,11 @@ class GenerationResult(BaseModel):
     estimated_seconds: float | None = None
     message: str = ""
     notes: list[str] = Field(default_factory=list, description="parts of the request that had no effect")
+    source_image: str | None = Field(None, description="edit_image / upscale_image: the image it started from")
+    mask_image: str | None = Field(None, description="inpainting: the mask (white was repainted)")
+    strength: float | None = Field(None, description="how much of the source was repainted (0 = unchanged)")
+    upscale_factor: int | None = None
+    regenerated_from: str | None = Field(None, description="regenerate: the image whose request was re-run")
 
 
 class JobInfo(BaseModel):

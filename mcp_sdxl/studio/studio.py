@@ -15,6 +15,7 @@ from typing import Any
 from mcp_sdxl.config import Settings
 from mcp_sdxl.errors import CancelledError, NotFoundError, UserInputError, shown
 from mcp_sdxl.store import ImageStore, StoredImage
+from mcp_sdxl.studio import editing
 from mcp_sdxl.studio.jobs import Job, JobQueue
 from mcp_sdxl.studio.planning import Plan, Planner, model_ref
 from mcp_sdxl.studio.results import ControlUsed, FaceCheck, GenerationResult, ImageInfo, JobInfo, LoraUsed
@@ -111,12 +112,25 @@ class Studio:
             self.settings.model_path(p) for p in preset.reference_embeddings if self.settings.model_path(p).is_file()
         ]
 
+    # ------------------------------------------------------------------ planning
+    def plan_edit(self, **arguments) -> Plan:
+        return editing.plan_edit(self.store, self.planner, **arguments)
+
+    def plan_upscale(self, **arguments) -> Plan:
+        return editing.plan_upscale(self.store, self.planner, **arguments)
+
+    def plan_regenerate(self, image_id: str, **overrides) -> Plan:
+        return editing.plan_regenerate(self.store, self.planner, image_id, overrides)
+
     # ------------------------------------------------------------------ generation
     def submit(self, plan: Plan) -> Job:
         return self.jobs.submit(plan.kind, plan.total_steps, lambda job: self._run(job, plan))
 
     def estimate_seconds(self, plan: Plan) -> float:
-        per_image = self.engine.estimate_seconds(plan.width, plan.height, plan.steps, len(plan.controls))
+        if plan.kind == "upscale":
+            per_image = plan.edit.tiles * self.engine.estimate_seconds(*plan.edit.tile, plan.denoise_steps)
+        else:
+            per_image = self.engine.estimate_seconds(plan.width, plan.height, plan.denoise_steps, len(plan.controls))
         loading = 0.0 if self.engine.state == "ready" else (5.0 if self.engine.profile == "sdxl" else 2.0)
         return per_image * len(plan.seeds) + loading
 
@@ -151,14 +165,18 @@ class Studio:
                     preprocessed=choice.preprocess and choice.pose_preset is None, control_image_id=stored.id,
                 ))
             timings: dict[str, float] = {"lease_s": round(lease_s, 4)}
+            source, mask = self._edit_inputs(plan)
+            per_image = plan.total_steps // len(plan.seeds)
             images: list[StoredImage] = []
             for i, seed in enumerate(plan.seeds):
                 request = GenerationRequest(
                     prompt=plan.prompt, negative_prompt=plan.negative_prompt, width=plan.width, height=plan.height,
                     steps=plan.steps, cfg_scale=plan.cfg_scale, seed=seed, scheduler=plan.scheduler, loras=loras,
                     controls=controls, control_start=plan.control_start, control_end=plan.control_end,
+                    init_image=source, mask=mask, strength=plan.edit.strength if plan.edit else 1.0,
+                    mask_feather_px=self.settings.sdxl.editing.mask_feather_px,
                 )
-                offset = i * plan.steps
+                offset = i * per_image
 
                 def on_step(done: int, total: int, i=i, offset=offset) -> None:
                     done = min(done, total)  # some schedulers call back more often than `steps`
@@ -167,7 +185,11 @@ class Studio:
                         # Leave the pipeline now: no further step and no VAE decode of a discarded image.
                         raise CancelledError(f"cancelled at image {i + 1}/{len(plan.seeds)}, step {done}/{total}")
 
-                output = self.engine.generate(request, on_step=on_step, cancel=job.cancel_event)
+                if plan.kind == "upscale":
+                    output = self.engine.upscale(request, plan.edit.tile[0], plan.edit.overlap, on_step=on_step,
+                                                 cancel=job.cancel_event)
+                else:
+                    output = self.engine.generate(request, on_step=on_step, cancel=job.cancel_event)
                 for key, value in output.timings.items():
                     timings[key] = round(timings.get(key, 0.0) + value, 4)
                 metadata = {
@@ -179,7 +201,8 @@ class Studio:
                     "loras": [lo.model_dump() for lo in _loras_used(plan)],
                     "controls": [c.model_dump() for c in control_used],
                     "control_start": plan.control_start, "control_end": plan.control_end,
-                    "timings": output.timings, "job_id": job.id,
+                    "timings": output.timings, "job_id": job.id, "request": plan.request_record(seed),
+                    **_edit_fields(plan),
                 }
                 if job.cancel_event.is_set():
                     raise CancelledError(f"cancelled after image {i + 1}/{len(plan.seeds)}")
@@ -198,7 +221,7 @@ class Studio:
             return self.planned_result(
                 plan, images=infos, control_images=control_images, controls=control_used,
                 consistency_summary=summary, timings=timings,
-                message=f"{len(infos)} image(s) generated" + (" by the tiny engine (random weights: images are not meaningful)" if self.engine.profile == "tiny" else ""),
+                message=_done_message(plan, len(infos)) + (" by the tiny engine (random weights: images are not meaningful)" if self.engine.profile == "tiny" else ""),
             )
         except BaseException:
             # A failed or cancelled call leaves nothing behind in the store.
@@ -212,7 +235,26 @@ class Studio:
             character=plan.character, prompt=plan.prompt, negative_prompt=plan.negative_prompt, loras=_loras_used(plan),
             quality=plan.quality, steps=plan.steps, cfg_scale=plan.cfg_scale, scheduler=plan.scheduler,
             width=plan.width, height=plan.height, profile=self.engine.profile, model=self.engine.model_name,
-            notes=list(plan.notes), **fields)
+            notes=list(plan.notes), **_edit_fields(plan), **fields)
+
+    def _edit_inputs(self, plan: Plan):
+        """The source image (at the plan's size; an upscale's at its own) and the mask, for an edit."""
+        from PIL import Image
+
+        if plan.edit is None:
+            return None, None
+        source, _ = self.store.open_image(plan.edit.source_ref)
+        if plan.kind == "upscale":
+            return source, None
+        size = (plan.width, plan.height)
+        if source.size != size:
+            source = source.resize(size, Image.Resampling.LANCZOS)
+        mask = None
+        if plan.edit.mask_ref:
+            mask = self.store.open_image(plan.edit.mask_ref)[0].convert("L")
+            if mask.size != size:
+                mask = mask.resize(size, Image.Resampling.NEAREST)
+        return source, mask
 
     def _control_map(self, choice, width: int, height: int):
         from mcp_sdxl.engine.preprocess import PreprocessSettings, prepare_control
@@ -229,6 +271,8 @@ class Studio:
             image, source = None, f"pose preset {choice.pose_preset}"
         else:
             image, source = self.store.open_image(choice.image_ref)
+            if self.store.is_id(choice.image_ref):  # an id says more to the model than the store's file path
+                source = choice.image_ref.strip().removeprefix("sdxl://images/")
         control = prepare_control(
             "pose" if choice.kind == "openpose" else choice.kind, image, preprocess=choice.preprocess,
             width=width, height=height, settings=settings, pose_preset=choice.pose_preset,
@@ -468,6 +512,36 @@ class Studio:
             "already_enrolled": len(pictures) - len(paths),  # the same face picture is stored once
             "total_references": len(self.checker.store.stored_paths(character, self.checker.backend_name)),
         }
+
+
+def _edit_fields(plan: Plan) -> dict[str, Any]:
+    """What an edit, an upscale or a regenerate adds to the metadata and the result."""
+    fields: dict[str, Any] = {}
+    if plan.edit is not None:
+        fields.update(source_image=plan.edit.source_ref, strength=plan.edit.strength)
+        if plan.edit.mask_ref:
+            fields["mask_image"] = plan.edit.mask_ref
+        if plan.kind == "upscale":
+            fields["upscale_factor"] = plan.edit.upscale_factor
+    if plan.regenerated_from:
+        fields["regenerated_from"] = plan.regenerated_from
+    return fields
+
+
+def _done_message(plan: Plan, count: int) -> str:
+    """What was made, and for an edit or an upscale, how."""
+    edit = plan.edit
+    if plan.kind == "upscale":
+        return (f"upscaled {edit.upscale_factor}x to {plan.width}x{plan.height}: resized (Lanczos), then "
+                f"{edit.tiles} tile(s) of {edit.tile[0]}x{edit.tile[1]} repainted by SDXL img2img at strength "
+                f"{edit.strength:g} ({plan.denoise_steps} of {plan.steps} steps each), blended over {edit.overlap} px")
+    if plan.kind == "edit":
+        how = "inpainted (outside the mask the source's pixels are kept)" if edit.mask_ref else "edited (img2img)"
+        if edit.strength == 0:
+            return f"{count} image(s): strength 0 keeps the source unchanged"
+        return f"{count} image(s) {how} at strength {edit.strength:g} ({plan.denoise_steps} of {plan.steps} steps)"
+    made = "regenerated" if plan.regenerated_from else "generated"
+    return f"{count} image(s) {made}"
 
 
 def _loras_used(plan: Plan) -> list[LoraUsed]:

@@ -68,6 +68,9 @@ def valid_calls(image_id: str, job_id: str) -> dict[str, dict]:
                                   "steps": 2},
         "score_consistency": {"images": [image_id], "reference_images": [image_id]},
         "enroll_reference": {"character": "luca", "images": [image_id]},
+        "edit_image": {"image": image_id, "prompt": "a robot", "strength": 0.5, "steps": 2},
+        "upscale_image": {"image": image_id, "factor": 2, "quality": "draft"},
+        "regenerate": {"image_id": image_id, "steps": 2},
     }
 
 
