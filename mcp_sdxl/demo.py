@@ -106,6 +106,13 @@ async def _agent_flow(python: str, server_args: list[str], env: dict, photo: str
             images = [first["images"][0]["id"], photo] if first.get("images") else [photo]
             await call("Face consistency against a reference photo", "score_consistency", {
                 "images": images, "reference_images": [photo]})
+        if first.get("images"):
+            best = first["images"][0]["id"]
+            await call("Edit it: the same scene at night (img2img)", "edit_image", {
+                "image": best, "character": character, "prompt": "on the beach at night, moonlight",
+                "strength": 0.5, "seed": 11})
+            await call("Upscale it 2x (tiled img2img)", "upscale_image", {"image": best, "factor": 2, "seed": 12})
+            await call("Regenerate it with another seed", "regenerate", {"image_id": best, "seed": 43})
         await call("Hand the GPU back to the LLM", "release_gpu", {"mode": "offload"})
         await call("GPU and lease state", "gpu_status", {})
     return steps

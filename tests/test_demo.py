@@ -19,7 +19,7 @@ def test_demo_runs_whole_flow_and_gallery_renders(home, config_dir, tmp_path):
         capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)},
     )
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-    assert "demo finished: 8/8 calls succeeded" in run.stdout, run.stdout
+    assert "demo finished: 11/11 calls succeeded" in run.stdout, run.stdout
     page = (out / "index.html").read_text()
     for tool in ("list_characters", "generate_character", "generate_with_control", "score_consistency", "release_gpu"):
         assert tool in page
