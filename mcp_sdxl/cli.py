@@ -74,10 +74,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,  # libraries: their warnings and errors only
         stream=sys.stderr,  # stdout belongs to the MCP stdio transport
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("mcp_sdxl").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from mcp_sdxl.errors import ConfigError
 
     try:

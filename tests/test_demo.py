@@ -20,6 +20,11 @@ def test_demo_runs_whole_flow_and_gallery_renders(home, config_dir, tmp_path):
     )
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     assert "demo finished: 11/11 calls succeeded" in run.stdout, run.stdout
+    # the server's stderr (the demo passes it through) holds our own log lines only: no library chatter
+    # (diffusers' torch_dtype FutureWarning, peft's peft_config warning, OpenCV's WARN, MediaPipe/TFLite)
+    foreign = [line for line in run.stderr.splitlines()
+               if line.strip() and not re.match(r"\d{4}-\d\d-\d\d [\d:,]+ (INFO|WARNING|ERROR) mcp_sdxl", line)]
+    assert not foreign, "\n".join(foreign[:20])
     page = (out / "index.html").read_text()
     for tool in ("list_characters", "generate_character", "generate_with_control", "score_consistency", "release_gpu"):
         assert tool in page

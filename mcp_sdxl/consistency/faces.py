@@ -73,7 +73,15 @@ class YuNetDetector:
     """OpenCV's YuNet face detector. Not thread-safe: callers serialise (ConsistencyChecker's lock)."""
 
     def __init__(self, model_path: Path, score_threshold: float) -> None:
-        self._detector = cv2.FaceDetectorYN.create(str(model_path), "", (320, 320), score_threshold, 0.3, 5000)
+        # create() sets the net's default target, which OpenCV 5's graph engine answers with a WARN line on
+        # stderr ("Targets are not supported by the new graph engine"): nothing is wrong, so no warning
+        logging_ = cv2.utils.logging
+        level = logging_.getLogLevel()
+        logging_.setLogLevel(min(level, logging_.LOG_LEVEL_ERROR))
+        try:
+            self._detector = cv2.FaceDetectorYN.create(str(model_path), "", (320, 320), score_threshold, 0.3, 5000)
+        finally:
+            logging_.setLogLevel(level)
         self._lock = threading.Lock()
 
     def detect(self, image_bgr: np.ndarray) -> list[DetectedFace]:

@@ -70,17 +70,17 @@ def load_sdxl_pipeline(
     """Load a StableDiffusionXLPipeline on the CPU (the engine moves it to the device)."""
     from diffusers import StableDiffusionXLPipeline
 
-    kwargs = {"torch_dtype": dtype}
+    kwargs = {}
     if vae is not None:
         kwargs["vae"] = _load_vae(vae, dtype, cache_dir)
     try:
-        if source.kind == "single_file":
+        if source.kind == "single_file":  # diffusers' single-file loader still names it torch_dtype
             config = str(single_file_config or SDXL_BASE_CONFIG_DIR)
             pipe = StableDiffusionXLPipeline.from_single_file(
-                source.location, config=config, local_files_only=True, **kwargs
+                source.location, config=config, local_files_only=True, torch_dtype=dtype, **kwargs
             )
-        else:
-            pipe = _from_pretrained(StableDiffusionXLPipeline, source, variant, cache_dir, **kwargs)
+        else:  # pipelines' from_pretrained takes `dtype` since 0.42 (torch_dtype warns, goes in 1.0)
+            pipe = _from_pretrained(StableDiffusionXLPipeline, source, variant, cache_dir, dtype=dtype, **kwargs)
     except Exception as exc:
         raise ConfigError(f"cannot load SDXL weights from {source.describe()}: {type(exc).__name__}: {exc}") from exc
     return pipe

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,7 +143,10 @@ class LoraManager:
         if not path.is_file():
             raise UserInputError(f"LoRA file for {spec.key} not found: {path}. Fix lora_path in lora_registry.yaml.")
         try:
-            self.pipe.load_lora_weights(str(path), adapter_name=name)
+            with warnings.catch_warnings():
+                # several named adapters in one model is what the manager does on purpose
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
+                self.pipe.load_lora_weights(str(path), adapter_name=name)
         except Exception as exc:
             self._drop_partial(name)
             raise UserInputError(

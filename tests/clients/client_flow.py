@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TOOLS = {"list_characters", "generate_character", "generate_with_control", "score_consistency",
-         "enroll_reference", "get_job", "cancel_job", "gpu_status", "release_gpu", "list_images"}
+         "enroll_reference", "get_job", "cancel_job", "gpu_status", "release_gpu", "list_images",
+         "edit_image", "upscale_image", "regenerate"}
 SMALL = {"width": 64, "height": 64, "steps": 2, "filter_consistency": False}
 JOB_TIMEOUT_S = 120
 
@@ -111,6 +112,18 @@ class Flow:
                     "the pose map is returned", ctl)
         self.ids["controlled"] = ctl["images"][0]["id"]
         self.ids["pose_map"] = ctl["control_images"][0]["id"]
+
+        edited = self.ok("edit_image", {"image": self.ids["generated"], "prompt": "at sunset", "strength": 0.5,
+                                        "steps": 4, "seed": 11})
+        self.expect(edited["images"] and edited["source_image"] == self.ids["generated"] and edited["strength"] == 0.5,
+                    "edit_image returns an image made from the source", edited)
+        upscaled = self.ok("upscale_image", {"image": self.ids["generated"], "factor": 2, "quality": "draft"})
+        self.expect((upscaled["images"][0]["width"], upscaled["images"][0]["height"]) == (128, 128),
+                    "upscale_image doubles 64x64", upscaled)
+        again = self.ok("regenerate", {"image_id": self.ids["generated"], "seed": 70})
+        self.expect(again["regenerated_from"] == self.ids["generated"] and again["images"][0]["seed"] == 70
+                    and again["prompt"] == gen["prompt"], "regenerate keeps the request, takes the new seed", again)
+        self.error("edit_image", {"image": "img_20260101-000000_deadbeef", "prompt": "x"}, "no image with id")
 
         # A generated tiny image has no face: enrolling it must say so in words.
         self.error("enroll_reference", {"character": "luca", "images": [self.ids["generated"]]}, "no detectable face")

@@ -48,3 +48,36 @@ def test_overlaps_fade_from_one_tile_into_the_next():
     assert row[0] == 0 and row[-1] == 255
     assert np.all(np.diff(row) >= 0)  # a ramp, not a step: no seam
     assert len(set(row[grid.xs[1]:grid.xs[0] + grid.tile[0]])) > 8
+
+
+def test_edit_pipelines_share_the_loaded_weights(tiny_cache, tmp_path):
+    """img2img and inpaint run on the loaded pipeline's own modules: no second copy of any weight."""
+    import torch
+
+    from mcp_sdxl.config import load_settings
+    from mcp_sdxl.engine import Engine, GenerationRequest
+    from mcp_sdxl.engine import edit as edit_module
+    from tests.conftest import CONFIGS
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "tiny").symlink_to(tiny_cache, target_is_directory=True)
+    engine = Engine(load_settings(CONFIGS, home=home, profile="tiny"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        source = engine.generate(GenerationRequest(prompt="a boy", width=64, height=64, steps=2, seed=1)).image
+        mask = Image.new("L", (64, 64), 0)
+        for mask_or_none in (None, mask):
+            request = GenerationRequest(prompt="a boy", width=64, height=64, steps=4, seed=2, init_image=source,
+                                        mask=mask_or_none, strength=0.5)
+            pipe, extra = edit_module.prepare(engine, request)
+            for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+                assert getattr(pipe, name) is getattr(engine.pipe, name)
+        # an all-black mask repaints nothing: the source comes back pixel for pixel
+        kept = engine.generate(GenerationRequest(prompt="a girl", width=64, height=64, steps=4, seed=3,
+                                                 init_image=source, mask=mask, strength=1.0)).image
+        assert np.array_equal(np.asarray(kept), np.asarray(source))
+    finally:
+        torch.set_num_threads(threads)
+        engine.unload()

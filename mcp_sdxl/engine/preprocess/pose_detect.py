@@ -25,6 +25,7 @@ from PIL import Image
 
 from mcp_sdxl.errors import UserInputError
 
+from .native_logs import routine_native_logs_dropped
 from .openpose import PoseKeypoints
 
 log = logging.getLogger(__name__)
@@ -82,11 +83,12 @@ def _mp_detector(holistic: bool) -> tuple[object, threading.Lock]:
         if holistic not in _mp_detectors:
             solutions = _import_mediapipe().solutions
             # model_complexity=1: complexity 2 ("heavy") is not in the wheel and would be downloaded.
-            if holistic:
-                graph = solutions.holistic.Holistic(static_image_mode=True, model_complexity=1,
-                                                    refine_face_landmarks=False)
-            else:
-                graph = solutions.pose.Pose(static_image_mode=True, model_complexity=1)
+            with routine_native_logs_dropped():
+                if holistic:
+                    graph = solutions.holistic.Holistic(static_image_mode=True, model_complexity=1,
+                                                        refine_face_landmarks=False)
+                else:
+                    graph = solutions.pose.Pose(static_image_mode=True, model_complexity=1)
             _mp_detectors[holistic] = (graph, threading.Lock())
         return _mp_detectors[holistic]
 
@@ -123,7 +125,7 @@ def _mp_face(landmark_list) -> list[tuple[float, float] | None] | None:
 def detect_mediapipe(rgb: np.ndarray, *, hands: bool, face: bool) -> list[PoseKeypoints]:
     holistic = hands or face  # Holistic adds hand and face models; plain Pose is faster when unneeded
     graph, graph_lock = _mp_detector(holistic)
-    with graph_lock:
+    with graph_lock, routine_native_logs_dropped():
         result = graph.process(rgb)
     if result.pose_landmarks is None:
         return []
