@@ -96,6 +96,9 @@ async def test_upscale_doubles_the_size_and_says_how(server, studio):
     resized = np.asarray(Image.open(studio.store.get(source).path).convert("RGB").resize(
         (2 * width, 2 * height), Image.Resampling.LANCZOS), dtype=np.float32)
     assert np.abs(pixels(studio, up.id) - resized).mean() < 40
+    async with Client(server) as client:  # an upscale is regenerated tile for tile
+        again = data(await client.call_tool("regenerate", {"image_id": up.id}))
+    assert np.array_equal(pixels(studio, again["images"][0]["id"]), pixels(studio, up.id))
 
 
 async def test_regenerate_reproduces_and_overrides(server, studio):
