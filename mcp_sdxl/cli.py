@@ -157,25 +157,16 @@ def enroll(args) -> int:
     try:
         from mcp_sdxl.errors import UserInputError
 
-        paths = [os.path.abspath(p) for p in args.images]
         try:
-            studio.planner.preset(args.character)  # unknown character: say which exist
-            pictures = [_open_local(p) for p in paths]
-            stored = studio.checker.enroll(args.character, pictures)
+            result = studio.enroll_files(args.character, args.images)  # the enroll_reference tool's path
         except UserInputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        for path in stored:
+        for path in result["added"]:
             print(path)
         return 0
     finally:
-        studio.jobs.stop()
-
-
-def _open_local(path: str):
-    from mcp_sdxl.consistency import open_image
-
-    return open_image(path)
+        studio.close()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from mcp.types import CallToolResult, ToolAnnotations
 from pydantic import Field
 
 from mcp_sdxl import __version__
-from mcp_sdxl.errors import UserInputError, shown
 from mcp_sdxl.server import shaping
 from mcp_sdxl.server.edit_tools import add_edit_tools
 from mcp_sdxl.server.params import (
@@ -42,7 +41,6 @@ from mcp_sdxl.server.params import (
     Weight,
 )
 from mcp_sdxl.server.protocol import StudioServer, resource_errors, tool_errors
-from mcp_sdxl.studio.planning import Problems
 from mcp_sdxl.studio.results import GenerationResult, JobInfo
 
 log = logging.getLogger(__name__)
@@ -130,8 +128,8 @@ def build_server(studio) -> MCPServer:
         preview, the exact prompt, LoRAs with weights, seed and timings. With num_candidates > 1 the
         candidates are scored against the character's reference faces and ordered best first.
         Calls estimated to exceed the client time limit return a job_id: poll get_job."""
-        plan = studio.planner.plan(
-            kind="character", character=character, scene_description=scene_description, background=background,
+        plan = studio.plan_character(
+            character=character, scene_description=scene_description, background=background,
             style=style, quality=quality, seed=seed, width=width, height=height, steps=steps, cfg_scale=cfg_scale,
             negative_prompt=negative_prompt, character_weight=character_weight,
             background_weight=background_weight, style_weight=style_weight, num_candidates=num_candidates,
@@ -175,30 +173,14 @@ def build_server(studio) -> MCPServer:
         and/or canny edges; any combination runs together. Images are ids or paths under the input folders.
         The control maps used are saved and returned (control_images) so you can see what steered the image.
         Takes the same character/LoRA/quality options as generate_character."""
-        # Everything is checked before the call queues or takes the GPU (a mistyped path must not put the
-        # LLM to sleep), and one error names every problem.
-        problems = Problems()
-        controls = studio.planner.controls(
-            pose_image=pose_image, pose_preset=pose_preset, pose_strength=pose_strength, depth_image=depth_image,
-            depth_strength=depth_strength, canny_image=canny_image, canny_strength=canny_strength,
-            preprocess=preprocess, problems=problems,
-        )
-        if isinstance(pose_preset, str) and pose_preset:
-            presets = studio.pose_presets()  # a folder listing; no await, so the call keeps its place in the queue
-            with problems.check():
-                if pose_preset not in presets:
-                    raise UserInputError(f"unknown pose_preset {shown(pose_preset)}; use one of {', '.join(presets)}")
-        for choice in controls:
-            if choice.image_ref:
-                with problems.check():
-                    studio.store.check_image(choice.image_ref)
-        plan = studio.planner.plan(
-            kind="control", character=character, scene_description=prompt, background=background, style=style,
-            quality=quality, seed=seed, width=width, height=height, steps=steps, cfg_scale=cfg_scale,
-            negative_prompt=negative_prompt, character_weight=character_weight,
-            background_weight=background_weight, style_weight=style_weight, num_candidates=num_candidates,
-            filter_consistency=filter_consistency, controls=controls, control_start=control_start,
-            control_end=control_end, problems=problems,
+        plan = studio.plan_control(
+            prompt=prompt, character=character, pose_image=pose_image, pose_preset=pose_preset,
+            pose_strength=pose_strength, depth_image=depth_image, depth_strength=depth_strength,
+            canny_image=canny_image, canny_strength=canny_strength, control_start=control_start,
+            control_end=control_end, preprocess=preprocess, background=background, style=style, quality=quality,
+            seed=seed, width=width, height=height, steps=steps, cfg_scale=cfg_scale, negative_prompt=negative_prompt,
+            character_weight=character_weight, background_weight=background_weight, style_weight=style_weight,
+            num_candidates=num_candidates, filter_consistency=filter_consistency,
         )
         return await run_generation(plan, ctx, run_as_job)
 
@@ -233,7 +215,7 @@ def build_server(studio) -> MCPServer:
         job_ttl_s (default 24 h) after they finish, by the server process that ran them: a job outlives
         the call (and, over HTTP, the client) that started it, but not a server restart (a stdio server
         ends with its client). Images of finished jobs stay in the store (list_images)."""
-        job = studio.jobs.get(job_id)
+        job = studio.job(job_id)
         info = studio.job_info(job)
         if info.state == "done":
             return job_outcome(job, info)  # JobInfo JSON (with the result) + previews + links
@@ -244,7 +226,7 @@ def build_server(studio) -> MCPServer:
     async def cancel_job(job_id: Annotated[str, Field(description="job id to stop")]) -> dict[str, Any]:
         """Stop a queued or running job within one denoising step. Nothing from it is kept (a batch is
         all-or-nothing). Returns the job's final state."""
-        job = studio.jobs.get(job_id)
+        job = studio.job(job_id)
         job.cancel()
         await anyio.to_thread.run_sync(lambda: job.finished.wait(30))
         return studio.job_info(job).model_dump(mode="json", exclude_none=True)
@@ -272,21 +254,14 @@ def build_server(studio) -> MCPServer:
     @tool_errors
     async def list_images(limit: Annotated[int, NotBool, Field(description="how many, newest first (1-200)")] = 20) -> dict[str, Any]:
         """Recent images in the store with their ids, kinds and prompts."""
-        if not 1 <= limit <= 200:
-            raise UserInputError("limit must be in [1, 200]")
-        rows = []
-        for image_id in studio.store.list_ids(limit):
-            meta = studio.store.get(image_id).metadata
-            rows.append({"id": image_id, "uri": f"sdxl://images/{image_id}", "type": meta.get("type"),
-                         "character": meta.get("character"), "prompt": meta.get("prompt"), "seed": meta.get("seed")})
-        return {"images": rows}
+        return studio.list_images(limit)
 
     # ------------------------------------------------------------------ resources
     @server.resource("sdxl://images/{image_id}", mime_type="image/png",
                      description="a generated image, the PNG file (2-3 MB at 1024x1024; /jpeg fits 1 MiB clients)")
     @resource_errors
     def image_resource(image_id: str) -> bytes:
-        return studio.store.get(image_id).path.read_bytes()
+        return studio.image_file(image_id).read_bytes()
 
     @server.resource("sdxl://images/{image_id}/jpeg", mime_type="image/jpeg",
                      description="a generated image as a JPEG that fits in one client message (under 1 MiB as base64)")
@@ -296,13 +271,13 @@ def build_server(studio) -> MCPServer:
 
         from mcp_sdxl.store import encode_jpeg
 
-        with Image.open(studio.store.get(image_id).path) as img:
+        with Image.open(studio.image_file(image_id)) as img:
             return encode_jpeg(img, limits.max_result_bytes * 3 // 4 - 1_000)  # base64 grows data by 4/3
 
     @server.resource("sdxl://images/{image_id}/metadata", mime_type="application/json", description="generation parameters of an image")
     @resource_errors
     def image_metadata(image_id: str) -> str:
-        return json.dumps(studio.store.get(image_id).metadata, indent=1, default=str)
+        return json.dumps(studio.image_metadata(image_id), indent=1, default=str)
 
     @server.resource("sdxl://characters", mime_type="application/json", description="characters, backgrounds, styles, pose presets")
     def characters_resource() -> str:

@@ -17,7 +17,7 @@ from mcp_sdxl.errors import CancelledError, NotFoundError, UserInputError, shown
 from mcp_sdxl.store import ImageStore, StoredImage
 from mcp_sdxl.studio import editing
 from mcp_sdxl.studio.jobs import Job, JobQueue
-from mcp_sdxl.studio.planning import Plan, Planner, model_ref
+from mcp_sdxl.studio.planning import Plan, Planner, Problems, model_ref
 from mcp_sdxl.studio.results import ControlUsed, FaceCheck, GenerationResult, ImageInfo, JobInfo, LoraUsed
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,31 @@ class Studio:
         ]
 
     # ------------------------------------------------------------------ planning
+    def plan_character(self, **arguments) -> Plan:
+        return self.planner.plan(kind="character", **arguments)
+
+    def plan_control(self, *, pose_image, pose_preset, pose_strength, depth_image, depth_strength, canny_image,
+                     canny_strength, preprocess, prompt, **arguments) -> Plan:
+        """generate_with_control's plan. Everything is checked before the call queues or takes the GPU (a
+        mistyped path must not put the LLM to sleep), and one error names every problem."""
+        problems = Problems()
+        controls = self.planner.controls(
+            pose_image=pose_image, pose_preset=pose_preset, pose_strength=pose_strength, depth_image=depth_image,
+            depth_strength=depth_strength, canny_image=canny_image, canny_strength=canny_strength,
+            preprocess=preprocess, problems=problems,
+        )
+        if isinstance(pose_preset, str) and pose_preset:
+            presets = self.pose_presets()
+            with problems.check():
+                if pose_preset not in presets:
+                    raise UserInputError(f"unknown pose_preset {shown(pose_preset)}; use one of {', '.join(presets)}")
+        for choice in controls:
+            if choice.image_ref:
+                with problems.check():
+                    self.store.check_image(choice.image_ref)
+        return self.planner.plan(kind="control", scene_description=prompt, controls=controls, problems=problems,
+                                 **arguments)
+
     def plan_edit(self, **arguments) -> Plan:
         return editing.plan_edit(self.store, self.planner, **arguments)
 
@@ -322,7 +347,28 @@ class Studio:
         return ImageInfo(id=stored.id, uri=stored.uri, path=str(stored.path), width=width, height=height,
                          seed=meta.get("seed"))
 
+    # ------------------------------------------------------------------ store
+    def list_images(self, limit: int = 20) -> dict[str, Any]:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 200:
+            raise UserInputError(f"limit must be in [1, 200], got {shown(limit)}")
+        rows = []
+        for image_id in self.store.list_ids(limit):
+            meta = self.store.get(image_id).metadata
+            rows.append({"id": image_id, "uri": f"sdxl://images/{image_id}", "type": meta.get("type"),
+                         "kind": meta.get("kind"), "character": meta.get("character"), "prompt": meta.get("prompt"),
+                         "seed": meta.get("seed")})
+        return {"images": rows}
+
+    def image_file(self, image_id: str) -> Path:
+        return self.store.get(image_id).path
+
+    def image_metadata(self, image_id: str) -> dict[str, Any]:
+        return self.store.get(image_id).metadata
+
     # ------------------------------------------------------------------ jobs
+    def job(self, job_id: str) -> Job:
+        return self.jobs.get(job_id)
+
     def job_info(self, job: Job) -> JobInfo:
         summary = job.summary()
         return JobInfo(
@@ -503,7 +549,19 @@ class Studio:
         if len(images) > 32:
             raise UserInputError(f"at most 32 images per call (got {len(images)}); enroll the best few faces")
         files = list(dict.fromkeys(self.store.resolve_input(ref) for ref in images))  # the same file once
-        pictures = [self.store.open_image(str(path))[0] for path in files]
+        return self._enroll_pictures(character, [self.store.open_image(str(path))[0] for path in files])
+
+    def enroll_files(self, character: str, paths: list[str]) -> dict[str, Any]:
+        """`mcp-sdxl enroll`: the same as the tool, for files anywhere on the user's own disk."""
+        from mcp_sdxl.consistency import open_image
+
+        self.planner.preset(character)
+        if not paths:
+            raise UserInputError("give at least one image file showing the character's face")
+        files = list(dict.fromkeys(str(Path(p).expanduser().resolve()) for p in paths))
+        return self._enroll_pictures(character, [open_image(path) for path in files])
+
+    def _enroll_pictures(self, character: str, pictures: list) -> dict[str, Any]:
         paths = self.checker.enroll(character, pictures)
         return {
             "character": character,
