@@ -158,7 +158,7 @@ def plan_regenerate(store: ImageStore, planner: Planner, image_id: str, override
         plan = planner.plan(kind=kind, scene_description=scene, width=given.get("width", recorded.get("width")),
                             height=given.get("height", recorded.get("height")), controls=controls, **window,
                             **common)
-    if "quality" not in given and "steps" not in given and recorded.get("scheduler"):
+    if recorded.get("scheduler"):  # no override changes the sampler: keep the one that made the image
         plan.scheduler = recorded["scheduler"]
     plan.regenerated_from = stored.id
     plan.notes.extend(notes)
